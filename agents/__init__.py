@@ -1,0 +1,1 @@
+"""faust apps: ingest sources, signals relay, join, and the archiver."""

@@ -1,0 +1,1 @@
+"""aiohttp edge: WebSocket push, resume, HTTP API, auth and limits."""

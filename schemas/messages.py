@@ -1,0 +1,210 @@
+"""Every WebSocket message of the edge protocol (see DESIGN.md), seed-compatible field names."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from schemas.base import Frozen
+from schemas.events import PriceChange, Signal
+from schemas.market import SHANGHAI
+
+PROTOCOL_VERSION = 2
+SubscriptionType = Literal["strategy", "stock", "market"]
+RequestId = str | int | None
+
+
+class ClientMessage(BaseModel):
+    """Inbound frames: unknown extra fields (the old client's timestamps) are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Subscribe(ClientMessage):
+    type: Literal["subscribe"]
+    subscription_type: SubscriptionType = "strategy"
+    target: str = Field(min_length=1, max_length=64)
+    last_event_id: str | None = Field(None, pattern=r"^\d+-\d+$")
+    epoch: str | None = Field(None, max_length=64)
+    id: RequestId = None
+
+
+class Unsubscribe(ClientMessage):
+    type: Literal["unsubscribe"]
+    subscription_type: SubscriptionType = "strategy"
+    target: str = Field(min_length=1, max_length=64)
+    id: RequestId = None
+
+
+class Ping(ClientMessage):
+    type: Literal["ping"]
+    id: RequestId = None
+
+
+AnyClientMessage = Annotated[Union[Subscribe, Unsubscribe, Ping], Field(discriminator="type")]
+_client_adapter: TypeAdapter[Subscribe | Unsubscribe | Ping] = TypeAdapter(AnyClientMessage)
+
+
+def _now() -> datetime:
+    return datetime.now(SHANGHAI)
+
+
+class ServerMessage(Frozen):
+    pass
+
+
+class Connected(ServerMessage):
+    type: Literal["connected"] = "connected"
+    client_id: str
+    message: str = "connected to tickwave"
+    timestamp: datetime = Field(default_factory=_now)
+    protocol: int = PROTOCOL_VERSION
+    heartbeat: float = Field(description="seconds of silence after which the server closes")
+
+
+class Subscribed(ServerMessage):
+    type: Literal["subscribed"] = "subscribed"
+    subscription_type: SubscriptionType
+    target: str
+    epoch: str | None = None
+    event_id: str | None = Field(None, description="id of the newest event at subscribe time")
+    recovered: bool = False
+    replayed: int = 0
+    id: RequestId = None
+
+
+class Unsubscribed(ServerMessage):
+    type: Literal["unsubscribed"] = "unsubscribed"
+    subscription_type: SubscriptionType
+    target: str
+    id: RequestId = None
+
+
+class PriceItem(Frozen):
+    """One row of the old client's list, plus the resume fields."""
+
+    code: str
+    ts_code: str
+    name: str
+    price: float
+    change: float
+    change_percent: float
+    volume: int
+    timestamp: datetime
+    event_id: str | None = None
+    signal_price: float | None = None
+    change_since_signal_percent: float | None = None
+
+    @classmethod
+    def from_event(cls, event: PriceChange) -> PriceItem:
+        return cls(
+            code=event.code,
+            ts_code=event.ts_code,
+            name=event.name,
+            price=event.price,
+            change=event.change,
+            change_percent=event.change_percent,
+            volume=event.volume,
+            timestamp=event.tick_time,
+            event_id=event.event_id,
+            signal_price=event.signal_price,
+            change_since_signal_percent=event.change_since_signal_percent,
+        )
+
+
+class PriceUpdate(ServerMessage):
+    type: Literal["price_update"] = "price_update"
+    data: list[PriceItem]
+    count: int
+    target: str
+    event_id: str | None = None
+    epoch: str | None = None
+    snapshot: bool = False
+
+
+class SignalUpdate(ServerMessage):
+    type: Literal["signal_update"] = "signal_update"
+    action: Literal["add", "remove"]
+    data: list[Signal]
+    count: int
+    target: str | None = None
+    event_id: str | None = None
+
+
+class Pong(ServerMessage):
+    type: Literal["pong"] = "pong"
+    timestamp: datetime = Field(default_factory=_now)
+    id: RequestId = None
+
+
+class ErrorCode:
+    """Machine-readable `code` values of `error` frames."""
+
+    BAD_JSON = "bad_json"
+    BAD_MESSAGE = "bad_message"
+    UNKNOWN_TYPE = "unknown_type"
+    FORBIDDEN = 403
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    RATE_LIMITED = "rate_limited"
+    NOT_FOUND = 404
+
+
+class Error(ServerMessage):
+    type: Literal["error"] = "error"
+    error: str
+    details: Any = None
+    code: str | int
+    id: RequestId = None
+
+
+SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
+    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, Pong, Error,
+)
+CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (Subscribe, Unsubscribe, Ping)
+
+
+class ProtocolError(ValueError):
+    """A client frame the server answers with an `error` frame; the connection stays open."""
+
+    def __init__(self, code: str | int, error: str, details: Any = None, request_id: RequestId = None):
+        super().__init__(error)
+        self.code = code
+        self.error = error
+        self.details = details
+        self.request_id = request_id
+
+    def to_message(self) -> Error:
+        return Error(error=self.error, details=self.details, code=self.code, id=self.request_id)
+
+
+_KNOWN_TYPES = {"subscribe", "unsubscribe", "ping"}
+
+
+def parse_client_message(raw: str | bytes) -> Subscribe | Unsubscribe | Ping:
+    """Decode one text frame, or raise ProtocolError naming what is wrong."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
+    request_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
+    kind = obj.get("type")
+    if kind not in _KNOWN_TYPES:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown message type {kind!r}",
+            {"known": sorted(_KNOWN_TYPES)},
+            request_id,
+        )
+    try:
+        return _client_adapter.validate_python(obj)
+    except ValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"][1:]) or e["loc"][0], "problem": e["msg"]}
+            for e in exc.errors(include_url=False)
+        ]
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad {kind} message", details, request_id) from None

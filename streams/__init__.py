@@ -1,0 +1,1 @@
+"""Redis Streams layer: keys, partitioner, codec, partition logs, groups, dead letters."""

@@ -1,0 +1,39 @@
+"""Redis clients from URLs: `redis://`, `rediss://` (TLS) and `redis+cluster://`."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from streams.errors import StreamsError
+
+AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def connect(url: str, **options: Any) -> AnyRedis:
+    """A binary-safe asyncio client; cluster URLs give a RedisCluster."""
+    options.setdefault("decode_responses", False)
+    options.setdefault("health_check_interval", 15)
+    try:
+        for scheme in CLUSTER_SCHEMES:
+            if url.startswith(scheme):
+                plain = ("rediss://" if scheme.startswith("rediss") else "redis://") + url[len(scheme):]
+                options.pop("health_check_interval", None)
+                return RedisCluster.from_url(plain, **options)
+        return aioredis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise StreamsError(f"bad Redis URL {url!r}: {exc}") from None
+
+
+async def server_version(client: AnyRedis) -> tuple[int, ...]:
+    """The server's version as a tuple, e.g. (7, 0, 15)."""
+    info = await client.info("server")
+    if isinstance(client, RedisCluster):  # one dict per node
+        info = next(iter(info.values())) if info and isinstance(next(iter(info.values())), dict) else info
+    raw = info.get("redis_version", "0")
+    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return tuple(int(p) for p in raw.split(".") if p.isdigit())

@@ -1,0 +1,98 @@
+"""Consumer-group helpers: create idempotently, read, ack in batches, claim idle entries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import redis.exceptions as rex
+
+from streams.connection import AnyRedis
+from streams.errors import translated
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+async def ensure_group(client: AnyRedis, key: str, group: str, start_id: str = "0") -> bool:
+    """Create `group` on `key` (and the stream if missing); True if it was created now."""
+    with translated(f"create group {group} on {key}"):
+        try:
+            await client.xgroup_create(key, group, id=start_id, mkstream=True)
+            return True
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+
+
+async def read_group(
+    client: AnyRedis,
+    group: str,
+    consumer: str,
+    streams: Mapping[str, str],
+    *,
+    count: int = 500,
+    block_ms: int | None = None,
+) -> list[tuple[str, list[Entry]]]:
+    """XREADGROUP over several streams; `">"` for new entries, `"0"` for this consumer's pending."""
+    with translated(f"read group {group}"):
+        reply = await client.xreadgroup(group, consumer, dict(streams), count=count, block=block_ms)
+    out: list[tuple[str, list[Entry]]] = []
+    for key, entries in reply or []:
+        name = key.decode() if isinstance(key, bytes) else key
+        # a pending entry deleted by trimming comes back with no fields
+        out.append((name, [(eid, fields) for eid, fields in entries if fields is not None]))
+    return out
+
+
+async def ack(client: AnyRedis, group: str, acks: Iterable[tuple[str, bytes | str]]) -> int:
+    """Acknowledge (key, id) pairs with one XACK per key in one pipeline; returns how many."""
+    per_key: dict[str, list[bytes | str]] = defaultdict(list)
+    for key, eid in acks:
+        per_key[key].append(eid)
+    if not per_key:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for key, ids in per_key.items():
+        pipe.xack(key, group, *ids)
+    with translated(f"ack group {group}"):
+        return sum(int(n) for n in await pipe.execute())
+
+
+async def claim_idle(
+    client: AnyRedis,
+    key: str,
+    group: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    count: int = 500,
+) -> list[Entry]:
+    """Take over entries pending longer than `min_idle_ms` (a dead consumer's), oldest first."""
+    claimed: list[Entry] = []
+    cursor: bytes | str = "0-0"
+    with translated(f"claim idle on {key}"):
+        while len(claimed) < count:
+            reply = await client.xautoclaim(
+                key, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count - len(claimed)
+            )
+            cursor, entries = reply[0], reply[1]
+            claimed.extend((eid, fields) for eid, fields in entries if fields)
+            if cursor in (b"0-0", "0-0") or not entries:
+                break
+    return claimed
+
+
+async def group_lag(client: AnyRedis, key: str, group: str) -> int | None:
+    """Entries not yet delivered to `group` (Redis 7's lag), or None when Redis cannot tell."""
+    with translated(f"group info {key}"):
+        try:
+            groups = await client.xinfo_groups(key)
+        except rex.ResponseError:
+            return None
+    for info in groups:
+        name = info.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == group:
+            lag = info.get("lag")
+            return int(lag) if lag is not None else None
+    return None

@@ -1,0 +1,66 @@
+"""Every Redis key tickwave uses, in one place.
+
+Each key carries a hash tag (`{...}`) so Redis Cluster keeps everything one
+Lua script touches on one slot: a topic partition with its sequence counter,
+a strategy's event stream with its epoch, snapshot and positions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from streams.errors import BadKey
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+DEFAULT_PREFIX = "tw:"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Names go inside hash tags: no braces, no spaces, at most 100 characters."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BadKey(f"{what} {name!r} must match {_NAME.pattern}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one deployment; the prefix isolates deployments and tests."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    # --- faust topics (dense offsets) -------------------------------------
+    def topic_partition(self, topic: str, partition: int) -> str:
+        return f"{self.prefix}t:{{{check_name(topic, 'topic')}.{int(partition)}}}"
+
+    def topic_sequence(self, topic: str, partition: int) -> str:
+        """Counter of the last dense offset handed out; same slot as its stream."""
+        return f"{self.prefix}tseq:{{{check_name(topic, 'topic')}.{int(partition)}}}"
+
+    def topic_meta(self, topic: str) -> str:
+        """Hash of a topic's settings: partitions, retention."""
+        return f"{self.prefix}tmeta:{{{check_name(topic, 'topic')}}}"
+
+    def topics(self) -> str:
+        return f"{self.prefix}topics"
+
+    # --- per-strategy event streams (Redis time ids) ----------------------
+    def events(self, strategy: str) -> str:
+        return f"{self.prefix}ev:{{{check_name(strategy, 'strategy')}}}"
+
+    def epoch(self, strategy: str) -> str:
+        return f"{self.prefix}epoch:{{{check_name(strategy, 'strategy')}}}"
+
+    def snapshot(self, strategy: str) -> str:
+        return f"{self.prefix}snap:{{{check_name(strategy, 'strategy')}}}"
+
+    def positions(self, strategy: str) -> str:
+        """Hash tick-partition -> highest tick offset already turned into an event."""
+        return f"{self.prefix}pos:{{{check_name(strategy, 'strategy')}}}"
+
+    def strategies(self) -> str:
+        return f"{self.prefix}strategies"
+
+    # --- dead letters -----------------------------------------------------
+    def dead_letters(self, source: str) -> str:
+        return f"{self.prefix}dlq:{{{check_name(source, 'source')}}}"

@@ -1,0 +1,1 @@
+"""tickwave CLI, settings and the all-in-one launcher."""

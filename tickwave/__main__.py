@@ -1,0 +1,3 @@
+from tickwave.cli import main
+
+main()

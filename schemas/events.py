@@ -90,6 +90,7 @@ class PriceChange(_HasCode):
     ) -> PriceChange:
         """Join one tick with one signal (pure)."""
         return cls(
+            event_id=None,
             strategy=signal.strategy,
             ts_code=tick.ts_code,
             name=tick.name or signal.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any, cast
 
 from streams.connection import AnyRedis
 from streams.errors import translated
@@ -41,9 +42,10 @@ async def dead_letter(
     """Append one refused entry to `tw:dlq:{source}`; returns its id."""
     key = keys.dead_letters(source)
     with translated(f"dead-letter to {key}"):
-        return await client.xadd(
-            key, dead_letter_fields(reason, origin, raw), maxlen=DEAD_LETTER_MAXLEN, approximate=True
+        entry_id = await client.xadd(
+            key, cast(Any, dead_letter_fields(reason, origin, raw)), maxlen=DEAD_LETTER_MAXLEN, approximate=True
         )
+    return entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
 
 
 async def quarantine(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import redis.exceptions as rex
 
@@ -36,9 +37,11 @@ async def read_group(
 ) -> list[tuple[str, list[Entry]]]:
     """XREADGROUP over several streams; `">"` for new entries, `"0"` for this consumer's pending."""
     with translated(f"read group {group}"):
-        reply = await client.xreadgroup(group, consumer, dict(streams), count=count, block=block_ms)
+        reply = await client.xreadgroup(
+            group, consumer, cast(Any, dict(streams)), count=count, block=block_ms
+        )
     out: list[tuple[str, list[Entry]]] = []
-    for key, entries in reply or []:
+    for key, entries in cast(list[tuple[Any, list[Any]]], reply or []):
         name = key.decode() if isinstance(key, bytes) else key
         # a pending entry deleted by trimming comes back with no fields
         out.append((name, [(eid, fields) for eid, fields in entries if fields is not None]))

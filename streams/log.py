@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 from streams.codec import (
     CODEC_VERSION,
@@ -62,7 +62,7 @@ class PartitionLog:
         pipe = self.client.pipeline(transaction=False)
         for p in parts:
             keys = [self.stream_key(p), self.keys.topic_sequence(self.topic, p)]
-            await self._script(keys=keys, args=self._args(batches[p]), client=pipe)
+            await self._script(keys=keys, args=self._args(batches[p]), client=cast(Any, pipe))
         with translated(f"append to topic {self.topic}"):
             results = await pipe.execute()
         return {p: int(r) for p, r in zip(parts, results)}
@@ -70,11 +70,11 @@ class PartitionLog:
     async def read(self, partition: int, from_offset: int, count: int = 1000) -> list[RawEntry]:
         """Raw entries at offsets >= from_offset, oldest first."""
         with translated(f"read {self.stream_key(partition)}"):
-            return list(
+            return cast(list[RawEntry], list(
                 await self.client.xrange(
                     self.stream_key(partition), min=offset_to_id(max(from_offset, 0)), count=count
-                )
-            )
+                ) or []
+            ))
 
     async def read_records(
         self, partition: int, from_offset: int, count: int = 1000
@@ -142,6 +142,6 @@ async def read_after(
     """Entries with id > after_id (exclusive) and <= until_id, oldest first."""
     low = f"({after_id}" if after_id else "-"
     with translated(f"range {key}"):
-        return list(await client.xrange(key, min=low, max=until_id or "+", count=count))
+        return cast(list[RawEntry], list(await client.xrange(key, min=low, max=until_id or "+", count=count) or []))
 
 __all__ = ["PartitionLog", "RawEntry", "append_timed", "encode_record", "read_after"]

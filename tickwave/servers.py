@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,12 +162,16 @@ def _postgres_on_path() -> EmbeddedPostgres | None:
 
 
 def _pgserver() -> EmbeddedPostgres | None:
-    try:
-        import pgserver  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    workdir = tempfile.mkdtemp(prefix="tickwave-pgserver-")
-    server = pgserver.get_server(workdir, cleanup_mode="stop")
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime dir at import, which warns when
+        # XDG_RUNTIME_DIR is unset (CI, containers)
+        warnings.simplefilter("ignore")
+        try:
+            import pgserver  # type: ignore[import-untyped]
+        except ImportError:
+            return None
+        workdir = tempfile.mkdtemp(prefix="tickwave-pgserver-")
+        server = pgserver.get_server(workdir, cleanup_mode="stop")
     return EmbeddedPostgres(server.get_uri(), server.cleanup, workdir)
 
 

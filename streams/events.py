@@ -1,0 +1,176 @@
+"""Per-strategy event streams: the pipeline's public record.
+
+`EventLog.append_events` is the only way anything writes an event: one Lua
+script per call (streams/append_events.lua) skips events whose tick position
+is not newer than the last one recorded, appends the rest with Redis time ids
+(the public event ids), keeps the snapshot hash and the epoch, and trims.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, cast
+
+from schemas.events import PriceChange, SignalChange
+from streams.codec import CODEC_VERSION, Event, decode_event, encode_event
+from streams.connection import AnyRedis
+from streams.errors import CorruptEntry, translated
+from streams.keys import Keys, check_name
+from streams.log import RawEntry
+
+_APPEND_LUA = files("streams").joinpath("append_events.lua").read_text()
+DEFAULT_RETENTION_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored: its public id and the event (a PriceChange carries the id too)."""
+
+    id: str
+    event: Event
+
+
+def parse_id(event_id: str) -> tuple[int, int]:
+    """`ms-seq` as a sortable pair of integers; ValueError for anything else."""
+    ms, sep, seq = event_id.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit():
+        raise ValueError(f"not a stream id: {event_id!r}")
+    return int(ms), int(seq)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
+    """One stream entry as a StoredEvent; raises CorruptEntry."""
+    eid = _text(entry_id)
+    return StoredEvent(eid, decode_event(eid, fields))
+
+
+def _event_args(event: Event) -> list[bytes | str | int]:
+    fields = encode_event(event)
+    if isinstance(event, PriceChange):
+        position: list[bytes | str | int] = [event.source_partition, event.source_offset]
+        snap = [b"set", event.ts_code]
+    else:
+        position = ["", 0]
+        # a removed signal takes the stock out of the strategy's list
+        snap = [b"del" if event.action == "remove" else b"", event.signal.ts_code]
+    return [*position, *snap, fields[b"y"], fields[b"s"], fields[b"e"]]
+
+
+class EventLog:
+    """Append to and read the event streams of one deployment (one key prefix)."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        keys: Keys,
+        *,
+        retention_ms: int | None = DEFAULT_RETENTION_MS,
+        maxlen: int | None = None,
+    ):
+        self.client = client
+        self.keys = keys
+        if maxlen:
+            self._retention: tuple[str, int] = ("maxlen", maxlen)
+        elif retention_ms:
+            self._retention = ("minid", retention_ms)
+        else:
+            self._retention = ("", 0)
+        self._script = client.register_script(_APPEND_LUA)
+        self._registered: set[str] = set()
+
+    def stream_key(self, strategy: str) -> str:
+        return self.keys.events(strategy)
+
+    def _keys_for(self, strategy: str) -> list[str]:
+        k = self.keys
+        return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy)]
+
+    async def append_events(self, strategy: str, events: Sequence[Event]) -> list[str]:
+        """Append atomically; returns the ids written (events at old positions are skipped)."""
+        check_name(strategy, "strategy")
+        if not events:
+            return []
+        args: list[Any] = [*self._retention, secrets.token_hex(8), CODEC_VERSION]
+        for event in events:
+            if isinstance(event, PriceChange) and event.strategy != strategy:
+                raise ValueError(f"event for {event.strategy!r} appended to {strategy!r}")
+            args.extend(_event_args(event))
+        with translated(f"append events to {strategy}"):
+            reply = await self._script(keys=self._keys_for(strategy), args=args)
+            if strategy not in self._registered:
+                # the strategies set lives on another slot: outside the script
+                await self.client.sadd(self.keys.strategies(), strategy)
+                self._registered.add(strategy)
+        return [_text(i) for i in reply[1:]]
+
+    async def read_after(
+        self,
+        strategy: str,
+        after_id: str | None,
+        *,
+        until_id: str | None = None,
+        count: int | None = None,
+    ) -> list[StoredEvent]:
+        """Events with id > after_id (and <= until_id), oldest first; corrupt entries raise."""
+        low = f"({after_id}" if after_id else "-"
+        with translated(f"read events of {strategy}"):
+            raw = await self.client.xrange(self.stream_key(strategy), min=low, max=until_id or "+", count=count)
+        return [decode(eid, fields) for eid, fields in cast(list[RawEntry], raw or [])]
+
+    async def _edge_id(self, strategy: str, newest: bool) -> str | None:
+        with translated(f"read events of {strategy}"):
+            key = self.stream_key(strategy)
+            raw = await (self.client.xrevrange(key, count=1) if newest else self.client.xrange(key, count=1))
+        return _text(raw[0][0]) if raw else None
+
+    async def latest_id(self, strategy: str) -> str | None:
+        """Id of the newest event, or None for an empty or unknown stream."""
+        return await self._edge_id(strategy, newest=True)
+
+    async def first_id(self, strategy: str) -> str | None:
+        """Id of the oldest event Redis still keeps."""
+        return await self._edge_id(strategy, newest=False)
+
+    async def origin_id(self, strategy: str) -> str | None:
+        """Id of the first event ever appended in the current epoch (trimmed or not)."""
+        with translated(f"read positions of {strategy}"):
+            raw = await self.client.hget(self.keys.positions(strategy), "@first")
+        return _text(raw) if raw else None
+
+    async def epoch(self, strategy: str) -> str | None:
+        with translated(f"read epoch of {strategy}"):
+            raw = await self.client.get(self.keys.epoch(strategy))
+        return _text(raw) if raw else None
+
+    async def snapshot(self, strategy: str) -> list[StoredEvent]:
+        """The latest event of every stock in the strategy, ordered by event id."""
+        with translated(f"read snapshot of {strategy}"):
+            raw = await self.client.hgetall(self.keys.snapshot(strategy))
+        out = []
+        for value in raw.values():
+            eid, version, body = value.split(b"\n", 2)
+            fields = {b"e": body, b"y": b"price", b"s": version, b"c": CODEC_VERSION}
+            try:
+                out.append(decode(eid, fields))
+            except CorruptEntry:
+                continue  # an unreadable snapshot row is replaced by the stock's next event
+        return sorted(out, key=lambda s: parse_id(s.id))
+
+    async def strategies(self) -> list[str]:
+        """Every strategy that has had an event appended."""
+        with translated("read strategies"):
+            raw = await self.client.smembers(self.keys.strategies())
+        return sorted(_text(s) for s in raw)
+
+    def decode(self, entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
+        return decode(entry_id, fields)
+
+
+__all__ = ["EventLog", "StoredEvent", "SignalChange", "decode", "parse_id"]

@@ -1,0 +1,120 @@
+"""The PostgreSQL event archive: idempotent COPY writes and ordered reads by event id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import asyncpg
+
+from agents.db import translated
+from streams.codec import CODEC_VERSION, decode_event, encode_event
+from streams.events import StoredEvent, parse_id
+
+_COLUMNS = ("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event")
+
+
+class ArchiveRow(NamedTuple):
+    """One event as the archive stores it; built straight from stream fields, no re-encoding."""
+
+    strategy: str
+    epoch: str
+    ms: int
+    seq: int
+    ts_code: str
+    kind: str
+    schema_version: int
+    event: str  # JSON text
+
+
+def row_from_fields(strategy: str, epoch: str, event_id: str, ts_code: str, fields: dict[bytes, bytes]) -> ArchiveRow:
+    ms, seq = parse_id(event_id)
+    return ArchiveRow(strategy, epoch, ms, seq, ts_code, fields[b"y"].decode(), int(fields[b"s"]), fields[b"e"].decode())
+
+
+def row_from_event(strategy: str, epoch: str, stored: StoredEvent) -> ArchiveRow:
+    fields = encode_event(stored.event)
+    ts_code = getattr(stored.event, "ts_code", None) or stored.event.signal.ts_code  # type: ignore[union-attr]
+    return row_from_fields(strategy, epoch, stored.id, ts_code, fields)
+
+
+def _stored(record: asyncpg.Record) -> StoredEvent:
+    eid = f"{record['ms']}-{record['seq']}"
+    fields = {
+        b"e": record["event"].encode(),
+        b"y": record["kind"].encode(),
+        b"s": str(record["schema_version"]).encode(),
+        b"c": CODEC_VERSION,
+    }
+    return StoredEvent(eid, decode_event(eid, fields))
+
+
+class ArchiveStore:
+    """Reads and writes `event_archive` through the process's pool."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def write_rows(self, rows: Iterable[ArchiveRow], conn: asyncpg.Connection | None = None) -> int:
+        """COPY into a staging table, then insert what is not there yet; returns rows inserted."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        if conn is None:
+            with translated("archive write"):
+                async with self.pool.acquire() as acquired:
+                    return await self.write_rows(rows, acquired)
+        with translated("archive write"):
+            async with conn.transaction():
+                await conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS archive_stage "
+                    "(LIKE event_archive INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+                await conn.copy_records_to_table("archive_stage", records=rows, columns=_COLUMNS)
+                status = await conn.execute(
+                    f"INSERT INTO event_archive ({', '.join(_COLUMNS)}) "
+                    f"SELECT {', '.join(_COLUMNS)} FROM archive_stage ON CONFLICT DO NOTHING"
+                )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def write(self, strategy: str, epoch: str, events: Sequence[StoredEvent]) -> int:
+        """Archive decoded events (tests, tools); the archiver uses write_rows."""
+        return await self.write_rows(row_from_event(strategy, epoch, e) for e in events)
+
+    async def read_after(
+        self,
+        strategy: str,
+        epoch: str,
+        after_id: str | None,
+        *,
+        until_id: str | None = None,
+        limit: int,
+    ) -> list[StoredEvent]:
+        """Archived events with after_id < id <= until_id, oldest first."""
+        low = parse_id(after_id) if after_id else (-1, -1)
+        high = parse_id(until_id) if until_id else (2**62, 2**62)
+        with translated("archive read"):
+            records = await self.pool.fetch(
+                "SELECT ms, seq, kind, schema_version, event::text AS event FROM event_archive "
+                "WHERE strategy = $1 AND epoch = $2 AND (ms, seq) > ($3, $4) AND (ms, seq) <= ($5, $6) "
+                "ORDER BY ms, seq LIMIT $7",
+                strategy, epoch, low[0], low[1], high[0], high[1], limit,
+            )
+        return [_stored(r) for r in records]
+
+    async def last_id(self, strategy: str, epoch: str) -> str | None:
+        """Newest archived id of a strategy's epoch."""
+        with translated("archive read"):
+            row = await self.pool.fetchrow(
+                "SELECT ms, seq FROM event_archive WHERE strategy = $1 AND epoch = $2 "
+                "ORDER BY ms DESC, seq DESC LIMIT 1",
+                strategy, epoch,
+            )
+        return f"{row['ms']}-{row['seq']}" if row else None
+
+    async def count(self, strategy: str, epoch: str | None = None) -> int:
+        with translated("archive read"):
+            if epoch is None:
+                return int(await self.pool.fetchval("SELECT count(*) FROM event_archive WHERE strategy = $1", strategy))
+            return int(await self.pool.fetchval(
+                "SELECT count(*) FROM event_archive WHERE strategy = $1 AND epoch = $2", strategy, epoch))

@@ -1,0 +1,139 @@
+"""Migrations, the PostgreSQL archive and history across the Redis/archive boundary."""
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from agents.archive_store import ArchiveStore
+from agents.db import create_pool, upgrade
+from agents.history import Reason, history
+from streams.events import EventLog, parse_id
+from tests.factories import price_changes
+
+
+@pytest.fixture
+async def store(pg_url):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    try:
+        yield ArchiveStore(pool)
+    finally:
+        await pool.close()
+
+
+async def test_upgrade_twice_applies_once(pg_url):
+    assert await upgrade(pg_url) == ["0001_event_archive.sql"]
+    assert await upgrade(pg_url) == []
+
+
+async def test_upgrade_twice_at_once_leaves_one_schema(pg_url):
+    results = await asyncio.gather(upgrade(pg_url), upgrade(pg_url), upgrade(pg_url))
+    assert sorted(len(r) for r in results) == [0, 0, 1]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1")
+        assert [t["table_name"] for t in tables] == ["event_archive", "schema_migrations"]
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+    finally:
+        await conn.close()
+
+
+async def test_archive_write_is_idempotent(redis, keys, store):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(50))
+    events = await log.read_after("volume_wave", None)
+    epoch = await log.epoch("volume_wave")
+    assert await store.write("volume_wave", epoch, events) == 50
+    assert await store.write("volume_wave", epoch, events[10:]) == 0
+    assert await store.count("volume_wave") == 50
+    back = await store.read_after("volume_wave", epoch, events[9].id, limit=100)
+    assert [(e.id, e.event) for e in back] == [(e.id, e.event) for e in events[10:]]
+
+
+async def trimmed_stream(redis, keys, store, *, total=3000, keep=500, archive=True):
+    """`total` events of which Redis keeps about `keep` (approximate trimming); all archived."""
+    log = EventLog(redis, keys, maxlen=keep)
+    ids = []
+    for start in range(0, total, 100):
+        ids += await log.append_events("volume_wave", price_changes(100, start=start))
+        if archive:
+            # the archiver keeps up: archive each batch as it is written
+            batch = await log.read_after("volume_wave", ids[-101] if len(ids) > 100 else None)
+            await store.write("volume_wave", await log.epoch("volume_wave"), batch)
+    first_kept = await log.first_id("volume_wave")
+    assert first_kept != ids[0], "setup: Redis should have trimmed"
+    return log, ids
+
+
+async def test_history_across_the_trimmed_boundary_is_ordered_gapless_and_unique(redis, keys, store):
+    log, ids = await trimmed_stream(redis, keys, store)
+    epoch = await log.epoch("volume_wave")
+    got = await history(log, store, "volume_wave", epoch=epoch, after_id=ids[99], limit=10_000)
+    assert got.covered and got.reason is None
+    assert [e.id for e in got.events] == ids[100:]
+    assert [parse_id(e.id) for e in got.events] == sorted(parse_id(e.id) for e in got.events)
+
+
+async def test_history_pages_through_the_boundary_with_a_limit(redis, keys, store):
+    log, ids = await trimmed_stream(redis, keys, store)
+    epoch = await log.epoch("volume_wave")
+    seen, after = [], ids[0]
+    while True:
+        page = await history(log, store, "volume_wave", epoch=epoch, after_id=after, limit=333)
+        assert page.covered
+        if not page.events:
+            break
+        seen += [e.id for e in page.events]
+        after = page.events[-1].id
+    assert seen == ids[1:]
+
+
+async def test_history_until_an_id_stops_there(redis, keys, store):
+    log, ids = await trimmed_stream(redis, keys, store)
+    got = await history(log, store, "volume_wave", epoch=None, after_id=ids[10], until_id=ids[2900], limit=10_000)
+    assert [e.id for e in got.events] == ids[11:2901]
+
+
+async def test_history_from_redis_alone_when_nothing_was_trimmed(redis, keys):
+    log = EventLog(redis, keys)
+    ids = await log.append_events("volume_wave", price_changes(20))
+    got = await history(log, None, "volume_wave", epoch=None, after_id=ids[4], limit=100)
+    assert got.covered and [e.id for e in got.events] == ids[5:]
+
+
+async def test_history_for_an_old_epoch_cannot_cover(redis, keys, store):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(5))
+    old_epoch = await log.epoch("volume_wave")
+    last = await log.latest_id("volume_wave")
+    await redis.delete(keys.events("volume_wave"))
+    await log.append_events("volume_wave", price_changes(5))
+    got = await history(log, store, "volume_wave", epoch=old_epoch, after_id=last, limit=100)
+    assert (got.covered, got.reason, got.events) == (False, Reason.EPOCH_CHANGED, [])
+    assert got.epoch == await log.epoch("volume_wave") != old_epoch
+
+
+async def test_history_of_an_unknown_strategy_cannot_cover(redis, keys, store):
+    got = await history(EventLog(redis, keys), store, "nobody", epoch=None, after_id="1-0", limit=10)
+    assert (got.covered, got.reason) == (False, Reason.UNKNOWN_STRATEGY)
+
+
+async def test_history_says_gap_when_trimmed_events_were_never_archived(redis, keys, store):
+    log, ids = await trimmed_stream(redis, keys, store, archive=False)
+    got = await history(log, store, "volume_wave", epoch=None, after_id=ids[0], limit=10_000)
+    assert (got.covered, got.reason, got.events) == (False, Reason.GAP, [])
+
+
+async def test_history_without_an_archive_says_so(redis, keys, store):
+    log, ids = await trimmed_stream(redis, keys, store)
+    got = await history(log, None, "volume_wave", epoch=None, after_id=ids[0], limit=10)
+    assert (got.covered, got.reason) == (False, Reason.NO_ARCHIVE)
+
+
+async def test_history_reports_truncation(redis, keys):
+    log = EventLog(redis, keys)
+    ids = await log.append_events("volume_wave", price_changes(20))
+    got = await history(log, None, "volume_wave", epoch=None, after_id=None, limit=5)
+    assert [e.id for e in got.events] == ids[:5] and got.truncated

@@ -29,3 +29,13 @@ def schema(out: Path) -> None:
 
     for path in write_json_schemas(out):
         click.echo(str(path))
+
+
+def _register() -> None:
+    from tickwave.cmd_events import archive, db, events
+
+    for command in (db, archive, events):
+        main.add_command(command)
+
+
+_register()

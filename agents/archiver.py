@@ -1,0 +1,203 @@
+"""The archiver: a consumer group on every strategy stream, copying events into PostgreSQL.
+
+Acknowledged only after the COPY commits, so a crash re-delivers instead of
+losing; the archive's ON CONFLICT makes the re-delivery harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis.exceptions as rex
+from prometheus_client import Counter, Gauge
+
+from agents.errors import ArchiveUnavailable
+from agents.archive_store import ArchiveRow, ArchiveStore, row_from_fields
+from streams import groups
+from streams.connection import AnyRedis
+from streams.deadletter import dead_letter
+from streams.errors import CorruptEntry, StreamUnavailable
+from streams.events import EventLog, decode, parse_id
+from streams.keys import Keys
+
+log = logging.getLogger("tickwave.archiver")
+
+ARCHIVED = Counter("tickwave_archive_events_total", "Events archived into PostgreSQL", ["strategy"])
+REJECTED = Counter("tickwave_archive_rejected_total", "Corrupt entries dead-lettered by the archiver", ["strategy"])
+LAG_ENTRIES = Gauge("tickwave_archive_lag_entries", "Events in Redis not yet archived", ["strategy"])
+LAG_SECONDS = Gauge("tickwave_archive_lag_seconds", "Age of the newest event not yet archived", ["strategy"])
+
+
+@dataclass
+class ArchiverStats:
+    archived: int = 0
+    rejected: int = 0
+    per_strategy: dict[str, int] = field(default_factory=dict)
+
+
+class Archiver:
+    """One archiver process (several may run: they share the group's entries)."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        keys: Keys,
+        store: ArchiveStore,
+        *,
+        group: str = "archiver",
+        consumer: str = "archiver-1",
+        batch: int = 2000,
+        claim_idle_ms: int = 30_000,
+        refresh_s: float = 5.0,
+        on_progress: Callable[[ArchiverStats], None] | None = None,
+    ):
+        self.client, self.keys, self.store = client, keys, store
+        self.events = EventLog(client, keys)
+        self.group, self.consumer, self.batch = group, consumer, batch
+        self.claim_idle_ms, self.refresh_s = claim_idle_ms, refresh_s
+        self.on_progress = on_progress
+        self.stats = ArchiverStats()
+        self._streams: dict[str, str] = {}  # stream key -> strategy
+        self._epochs: dict[str, str] = {}
+        self._last_refresh = 0.0
+
+    async def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_refresh < self.refresh_s:
+            return
+        self._last_refresh = time.monotonic()
+        for strategy in await self.events.strategies():
+            key = self.events.stream_key(strategy)
+            if key not in self._streams:
+                await groups.ensure_group(self.client, key, self.group, start_id="0")
+                self._streams[key] = strategy
+                log.info("archiving strategy", extra={"strategy": strategy, "group": self.group})
+            epoch = await self.events.epoch(strategy)
+            if epoch:
+                self._epochs[strategy] = epoch
+
+    async def _rows(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[ArchiveRow], list[bytes]]:
+        strategy = self._streams[key]
+        epoch = self._epochs.get(strategy) or await self.events.epoch(strategy) or "unknown"
+        rows: list[ArchiveRow] = []
+        ids: list[bytes] = []
+        for eid, fields in entries:
+            ids.append(eid)
+            try:
+                stored = decode(eid, fields)
+                ev = stored.event
+                ts_code = ev.ts_code if hasattr(ev, "ts_code") else ev.signal.ts_code  # type: ignore[union-attr]
+                rows.append(row_from_fields(strategy, epoch, stored.id, ts_code, fields))
+            except (CorruptEntry, KeyError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or str(exc)
+                await dead_letter(self.client, self.keys, "archiver", reason=reason,
+                                  origin=f"{key}/{eid.decode()}", raw=fields)
+                REJECTED.labels(strategy).inc()
+                self.stats.rejected += 1
+                log.warning("corrupt event dead-lettered", extra={"strategy": strategy, "id": eid.decode(), "reason": reason})
+        return rows, ids
+
+    async def _archive(self, batches: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]) -> int:
+        rows: list[ArchiveRow] = []
+        acks: list[tuple[str, bytes]] = []
+        for key, entries in batches:
+            if key not in self._streams:
+                continue
+            got, ids = await self._rows(key, entries)
+            rows += got
+            acks += [(key, i) for i in ids]
+        if not acks:
+            return 0
+        await self.store.write_rows(rows)  # commit first ...
+        await groups.ack(self.client, self.group, acks)  # ... then acknowledge
+        for row in rows:
+            self.stats.per_strategy[row.strategy] = self.stats.per_strategy.get(row.strategy, 0) + 1
+        for strategy in {r.strategy for r in rows}:
+            ARCHIVED.labels(strategy).inc(sum(1 for r in rows if r.strategy == strategy))
+        self.stats.archived += len(rows)
+        if self.on_progress:
+            self.on_progress(self.stats)
+        return len(acks)
+
+    async def _recover_pending(self) -> None:
+        """Re-archive what this consumer read but never acknowledged, then claim dead consumers' entries."""
+        for key in list(self._streams):
+            while True:
+                got = await groups.read_group(self.client, self.group, self.consumer, {key: "0"}, count=self.batch)
+                if not got or not got[0][1] or not await self._archive(got):
+                    break
+            while True:
+                claimed = await groups.claim_idle(self.client, key, self.group, self.consumer,
+                                                  min_idle_ms=self.claim_idle_ms, count=self.batch)
+                if not claimed:
+                    break
+                log.info("claimed idle entries", extra={"stream": key, "count": len(claimed)})
+                await self._archive([(key, claimed)])
+
+    async def _update_lag(self) -> None:
+        """Lag in entries (undelivered + pending) and seconds (age of the oldest unarchived event)."""
+        now_ms = time.time() * 1000
+        for key, strategy in self._streams.items():
+            info = next((g for g in await self.client.xinfo_groups(key)
+                         if g.get("name") in (self.group, self.group.encode())), None)
+            if info is None:
+                continue
+            pending = int(info.get("pending") or 0)
+            last = info.get("last-delivered-id") or b"0-0"
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            if pending:
+                oldest = (await self.client.xpending(key, self.group))["min"]
+            else:
+                after = await self.client.xrange(key, min=f"({last}", count=1)
+                oldest = after[0][0] if after else None
+            lag = info.get("lag")
+            if lag is None:  # Redis 6.2 does not report it
+                lag = len(await self.client.xrange(key, min=f"({last}", count=10_000))
+            LAG_ENTRIES.labels(strategy).set(int(lag) + pending)
+            if oldest is None:
+                LAG_SECONDS.labels(strategy).set(0)
+            else:
+                ms, _ = parse_id(oldest.decode() if isinstance(oldest, bytes) else str(oldest))
+                LAG_SECONDS.labels(strategy).set(max(0.0, (now_ms - ms) / 1000))
+
+    async def run(self, stop: asyncio.Event) -> ArchiverStats:
+        """Archive until `stop` is set; a batch in flight is finished (written and acked) first."""
+        backoff = 0.5
+        recovered = False
+        last_claim = time.monotonic()
+        while not stop.is_set():
+            try:
+                await self._refresh(force=not recovered)
+                if not recovered:
+                    await self._recover_pending()
+                    recovered = True
+                if time.monotonic() - last_claim > self.claim_idle_ms / 1000:
+                    await self._recover_pending()
+                    last_claim = time.monotonic()
+                if not self._streams:
+                    await asyncio.wait_for(stop.wait(), timeout=self.refresh_s)
+                    continue
+                got = await groups.read_group(self.client, self.group, self.consumer,
+                                              {k: ">" for k in self._streams}, count=self.batch, block_ms=500)
+                if got:
+                    await self._archive(got)
+                else:
+                    await self._update_lag()
+                backoff = 0.5
+            except asyncio.TimeoutError:
+                continue
+            except rex.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # a stream was deleted and recreated: groups go with it
+                    log.warning("consumer group vanished; recreating", extra={"error": str(exc)})
+                    self._streams.clear()
+                    recovered = False
+                    continue
+                raise
+            except (StreamUnavailable, ArchiveUnavailable, OSError) as exc:
+                log.warning("redis or postgres unavailable; retrying", extra={"error": str(exc), "retry_in_s": backoff})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+        return self.stats

@@ -155,7 +155,7 @@ class Archiver:
                 oldest = after[0][0] if after else None
             lag = info.get("lag")
             if lag is None:  # Redis 6.2 does not report it
-                lag = len(await self.client.xrange(key, min=f"({last}", count=10_000))
+                lag = len(await self.client.xrange(key, min=f"({last}", count=10_000) or [])
             LAG_ENTRIES.labels(strategy).set(int(lag) + pending)
             if oldest is None:
                 LAG_SECONDS.labels(strategy).set(0)

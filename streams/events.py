@@ -55,7 +55,7 @@ def _event_args(event: Event) -> list[bytes | str | int]:
     fields = encode_event(event)
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
-        snap = [b"set", event.ts_code]
+        snap: list[bytes | str | int] = [b"set", event.ts_code]
     else:
         position = ["", 0]
         # a removed signal takes the stock out of the strategy's list
@@ -108,7 +108,7 @@ class EventLog:
                 # the strategies set lives on another slot: outside the script
                 await self.client.sadd(self.keys.strategies(), strategy)
                 self._registered.add(strategy)
-        return [_text(i) for i in reply[1:]]
+        return [_text(i) for i in reply[1:] if i is not None]
 
     async def read_after(
         self,
@@ -127,7 +127,9 @@ class EventLog:
     async def _edge_id(self, strategy: str, newest: bool) -> str | None:
         with translated(f"read events of {strategy}"):
             key = self.stream_key(strategy)
-            raw = await (self.client.xrevrange(key, count=1) if newest else self.client.xrange(key, count=1))
+            raw = cast(list[RawEntry], await (
+                self.client.xrevrange(key, count=1) if newest else self.client.xrange(key, count=1)
+            ))
         return _text(raw[0][0]) if raw else None
 
     async def latest_id(self, strategy: str) -> str | None:
@@ -152,7 +154,7 @@ class EventLog:
     async def snapshot(self, strategy: str) -> list[StoredEvent]:
         """The latest event of every stock in the strategy, ordered by event id."""
         with translated(f"read snapshot of {strategy}"):
-            raw = await self.client.hgetall(self.keys.snapshot(strategy))
+            raw = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.snapshot(strategy)))
         out = []
         for value in raw.values():
             eid, version, body = value.split(b"\n", 2)

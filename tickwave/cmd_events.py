@@ -39,7 +39,7 @@ def upgrade() -> None:
 def archive() -> None:
     """Copy every strategy stream into PostgreSQL's event_archive until SIGINT/SIGTERM."""
     from agents.archive_store import ArchiveStore
-    from agents.archiver import Archiver
+    from agents.archiver import Archiver, ArchiverStats
     from agents.db import create_pool
     from streams.connection import connect
     from streams.keys import Keys
@@ -52,10 +52,14 @@ def archive() -> None:
         client = connect(redis_url)
         pool = await create_pool(database_url)
         bar = tqdm(desc="archived", unit="ev", dynamic_ncols=True)
+
+        def progress(st: ArchiverStats) -> None:
+            bar.update(st.archived - bar.n)
+            bar.set_postfix(rejected=st.rejected)
         archiver = Archiver(
             client, Keys(s.key_prefix), ArchiveStore(pool), group=s.archive_group, consumer=s.archive_consumer,
             batch=s.archive_batch, claim_idle_ms=s.archive_claim_idle_ms, refresh_s=s.archive_refresh_s,
-            on_progress=lambda st: (bar.update(st.archived - bar.n), bar.set_postfix(rejected=st.rejected)),
+            on_progress=progress,
         )
         log.info("archiver started", extra={"group": s.archive_group, "consumer": s.archive_consumer})
         try:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import asyncpg
 
 from agents.db import translated
-from streams.codec import CODEC_VERSION, decode_event, encode_event
+from streams.codec import CODEC_VERSION, encode_event
 from streams.events import StoredEvent, parse_id
 
 _COLUMNS = ("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event")
@@ -33,20 +33,19 @@ def row_from_fields(strategy: str, epoch: str, event_id: str, ts_code: str, fiel
 
 
 def row_from_event(strategy: str, epoch: str, stored: StoredEvent) -> ArchiveRow:
-    fields = encode_event(stored.event)
+    fields = stored.fields
     ts_code = getattr(stored.event, "ts_code", None) or stored.event.signal.ts_code  # type: ignore[union-attr]
     return row_from_fields(strategy, epoch, stored.id, ts_code, fields)
 
 
 def _stored(record: asyncpg.Record) -> StoredEvent:
-    eid = f"{record['ms']}-{record['seq']}"
     fields = {
         b"e": record["event"].encode(),
         b"y": record["kind"].encode(),
         b"s": str(record["schema_version"]).encode(),
         b"c": CODEC_VERSION,
     }
-    return StoredEvent(eid, decode_event(eid, fields))
+    return StoredEvent(f"{record['ms']}-{record['seq']}", fields=fields)
 
 
 class ArchiveStore:
@@ -88,11 +87,15 @@ class ArchiveStore:
         after_id: str | None,
         *,
         until_id: str | None = None,
+        before_id: str | None = None,
         limit: int,
     ) -> list[StoredEvent]:
-        """Archived events with after_id < id <= until_id, oldest first."""
+        """Archived events with after_id < id <= until_id (and < before_id), oldest first."""
         low = parse_id(after_id) if after_id else (-1, -1)
         high = parse_id(until_id) if until_id else (2**62, 2**62)
+        if before_id is not None:
+            ms, seq = parse_id(before_id)
+            high = min(high, (ms, seq - 1) if seq else (ms - 1, 2**62))
         with translated("archive read"):
             records = await self.pool.fetch(
                 "SELECT ms, seq, kind, schema_version, event::text AS event FROM event_archive "

@@ -82,9 +82,10 @@ async def _history_once(
         archived_last = await store.last_id(strategy, current)
         if archived_last is None or _after(first_kept, archived_last):
             return History([], False, Reason.GAP, current)
-        events = await store.read_after(strategy, current, after_id, until_id=until_id, limit=limit + 1)
-        # keep only what Redis no longer has; Redis serves the rest (no duplicate at the seam)
-        events = [e for e in events if _after(first_kept, e.id)]
+        # only what Redis no longer has; Redis serves the rest (no duplicate at the seam)
+        events = await store.read_after(
+            strategy, current, after_id, until_id=until_id, before_id=first_kept, limit=limit + 1
+        )
         if len(events) > limit:
             return History(events[:limit], True, None, current, truncated=True)
         after_id = events[-1].id if events else after_id

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict
 
 from schemas.market import SHANGHAI
+
+
+_BEIJING_OFFSET = timedelta(hours=8)
 
 
 class Frozen(BaseModel):
@@ -18,6 +21,10 @@ class Frozen(BaseModel):
 
 
 def _to_shanghai(value: datetime) -> datetime:
+    # decoding stored events is hot: skip the conversion when the time already carries
+    # Beijing's offset (China has no daylight saving, so +08:00 is Asia/Shanghai)
+    if value.utcoffset() == _BEIJING_OFFSET:
+        return value
     return value.astimezone(SHANGHAI)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
 
@@ -25,12 +24,49 @@ _APPEND_LUA = files("streams").joinpath("append_events.lua").read_text()
 DEFAULT_RETENTION_MS = 24 * 3600 * 1000
 
 
-@dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An event as stored: its public id and the event (a PriceChange carries the id too)."""
+    """An event as stored: its public id and the event (a PriceChange carries the id too).
 
-    id: str
-    event: Event
+    Built from raw stream fields, it decodes on first access to `.event`: history
+    and replay move thousands of events whose ids are all that is looked at on the way.
+    """
+
+    __slots__ = ("id", "_fields", "_event")
+
+    def __init__(self, id: str, event: Event | None = None, *, fields: dict[bytes, bytes] | None = None):
+        if event is None and fields is None:
+            raise TypeError("StoredEvent needs an event or its stream fields")
+        self.id = id
+        self._event = event
+        self._fields = fields
+
+    @property
+    def event(self) -> Event:
+        """The decoded event; raises CorruptEntry if the stored fields are unreadable."""
+        if self._event is None:
+            assert self._fields is not None
+            self._event = decode_event(self.id, self._fields)
+        return self._event
+
+    @property
+    def fields(self) -> dict[bytes, bytes]:
+        """The stream fields (e, y, s, c) as stored or as the codec encodes the event."""
+        if self._fields is None:
+            self._fields = encode_event(self.event)
+        return self._fields
+
+    @property
+    def kind(self) -> bytes:
+        return self.fields[b"y"]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoredEvent) and self.id == other.id and self.event == other.event
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"StoredEvent({self.id!r})"
 
 
 def parse_id(event_id: str) -> tuple[int, int]:
@@ -46,9 +82,14 @@ def _text(value: bytes | str) -> str:
 
 
 def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
-    """One stream entry as a StoredEvent; raises CorruptEntry."""
+    """One stream entry as a StoredEvent, decoded now; raises CorruptEntry."""
     eid = _text(entry_id)
-    return StoredEvent(eid, decode_event(eid, fields))
+    return StoredEvent(eid, decode_event(eid, fields), fields=fields)
+
+
+def lazy(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
+    """One stream entry as a StoredEvent decoded on first use."""
+    return StoredEvent(_text(entry_id), fields=fields)
 
 
 def _event_args(event: Event) -> list[bytes | str | int]:
@@ -122,7 +163,7 @@ class EventLog:
         low = f"({after_id}" if after_id else "-"
         with translated(f"read events of {strategy}"):
             raw = await self.client.xrange(self.stream_key(strategy), min=low, max=until_id or "+", count=count)
-        return [decode(eid, fields) for eid, fields in cast(list[RawEntry], raw or [])]
+        return [lazy(eid, fields) for eid, fields in cast(list[RawEntry], raw or [])]
 
     async def _edge_id(self, strategy: str, newest: bool) -> str | None:
         with translated(f"read events of {strategy}"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import asyncpg
 
 from agents.db import translated
-from streams.codec import CODEC_VERSION, encode_event
+from streams.codec import CODEC_VERSION
+from streams.errors import CorruptEntry
 from streams.events import StoredEvent, parse_id
 
 _COLUMNS = ("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event")
@@ -30,6 +32,33 @@ class ArchiveRow(NamedTuple):
 def row_from_fields(strategy: str, epoch: str, event_id: str, ts_code: str, fields: dict[bytes, bytes]) -> ArchiveRow:
     ms, seq = parse_id(event_id)
     return ArchiveRow(strategy, epoch, ms, seq, ts_code, fields[b"y"].decode(), int(fields[b"s"]), fields[b"e"].decode())
+
+
+def row_from_entry(strategy: str, epoch: str, event_id: str, fields: dict[bytes, bytes]) -> ArchiveRow:
+    """An archive row straight from a stream entry, or CorruptEntry.
+
+    The archive keeps the event bytes as the stream holds them. Writers validated
+    the event (append_events takes models); here the checks are structural, the
+    ones a COPY into jsonb needs, and a full decode happens when history reads it.
+    """
+    try:
+        if fields.get(b"c") != CODEC_VERSION:
+            raise CorruptEntry(f"unknown event codec version {fields.get(b'c')!r}", event_id)
+        kind = fields[b"y"]
+        doc = json.loads(fields[b"e"])
+        if kind == b"price":
+            ts_code = doc["ts_code"]
+        elif kind == b"signal":
+            ts_code = doc["signal"]["ts_code"]
+        else:
+            raise CorruptEntry(f"unknown event type {kind!r}", event_id)
+        if not isinstance(ts_code, str):
+            raise CorruptEntry("ts_code is not a string", event_id)
+        return row_from_fields(strategy, epoch, event_id, ts_code, fields)
+    except CorruptEntry:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptEntry(f"undecodable event: {exc!r}", event_id) from None
 
 
 def row_from_event(strategy: str, epoch: str, stored: StoredEvent) -> ArchiveRow:

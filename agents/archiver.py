@@ -16,12 +16,12 @@ import redis.exceptions as rex
 from prometheus_client import Counter, Gauge
 
 from agents.errors import ArchiveUnavailable
-from agents.archive_store import ArchiveRow, ArchiveStore, row_from_fields
+from agents.archive_store import ArchiveRow, ArchiveStore, row_from_entry
 from streams import groups
 from streams.connection import AnyRedis
 from streams.deadletter import dead_letter
 from streams.errors import CorruptEntry, StreamUnavailable
-from streams.events import EventLog, decode, parse_id
+from streams.events import EventLog, parse_id
 from streams.keys import Keys
 
 log = logging.getLogger("tickwave.archiver")
@@ -87,11 +87,8 @@ class Archiver:
         for eid, fields in entries:
             ids.append(eid)
             try:
-                stored = decode(eid, fields)
-                ev = stored.event
-                ts_code = ev.ts_code if hasattr(ev, "ts_code") else ev.signal.ts_code  # type: ignore[union-attr]
-                rows.append(row_from_fields(strategy, epoch, stored.id, ts_code, fields))
-            except (CorruptEntry, KeyError, ValueError) as exc:
+                rows.append(row_from_entry(strategy, epoch, eid.decode(), fields))
+            except CorruptEntry as exc:
                 reason = getattr(exc, "reason", None) or str(exc)
                 await dead_letter(self.client, self.keys, "archiver", reason=reason,
                                   origin=f"{key}/{eid.decode()}", raw=fields)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from enum import Enum
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -40,9 +41,10 @@ def _exchange_for(digits: str) -> str:
     raise InvalidCode(f"no A-share exchange lists code {digits!r}")
 
 
+@lru_cache(maxsize=16384)
 def parse_ts_code(raw: str) -> str:
     """Normalise `600519.SH`, `sh600519` or the old client's bare `600519` to `600519.SH`."""
-    if not isinstance(raw, str):
+    if not isinstance(raw, str):  # lru_cache: only hashable input gets here
         raise InvalidCode(f"ts_code must be a string, got {type(raw).__name__}")
     code = raw.strip().upper()
     m = _TS_CODE.match(code)

@@ -53,7 +53,7 @@ class PartitionLog:
             return int(await self._script(keys=keys, args=self._args(records)))
 
     async def append_many(
-        self, batches: dict[int, Sequence[tuple[bytes, bytes, bytes, bytes]]]
+        self, batches: Mapping[int, Sequence[tuple[bytes, bytes, bytes, bytes]]]
     ) -> dict[int, int]:
         """One pipelined round trip for several partitions; returns partition -> first offset."""
         parts = [p for p, recs in batches.items() if recs]

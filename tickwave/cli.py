@@ -33,8 +33,9 @@ def schema(out: Path) -> None:
 
 def _register() -> None:
     from tickwave.cmd_events import archive, db, events
+    from tickwave.cmd_ingest import ingest
 
-    for command in (db, archive, events):
+    for command in (db, archive, events, ingest):
         main.add_command(command)
 
 

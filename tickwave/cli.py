@@ -33,9 +33,10 @@ def schema(out: Path) -> None:
 
 def _register() -> None:
     from tickwave.cmd_events import archive, db, events
+    from tickwave.cmd_edge import edge
     from tickwave.cmd_ingest import ingest
 
-    for command in (db, archive, events, ingest):
+    for command in (db, archive, events, ingest, edge):
         main.add_command(command)
 
 

@@ -1,0 +1,148 @@
+"""HTTP API: strategies, snapshots, streamed history, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agents.history import history
+from edge.frames import price_item
+from edge.state import state_key
+from streams.events import parse_id
+from streams.keys import check_name
+
+PAGE = 1000
+CSV_FIELDS = ["event_id", "strategy", "ts_code", "name", "price", "pre_close", "change", "change_percent",
+              "signal_price", "change_since_signal_percent", "volume", "tick_time", "ingest_time"]
+
+
+def error(status: int, message: str, **details: Any) -> web.Response:
+    return web.json_response({"error": message, **details}, status=status)
+
+
+def _strategy(request: web.Request) -> str:
+    name = request.match_info["strategy"]
+    try:
+        return check_name(name, "strategy")
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+
+
+async def strategies(request: web.Request) -> web.Response:
+    st = request.app[state_key]
+    out = []
+    for name in await st.events.strategies():
+        out.append({"strategy": name, "epoch": await st.events.epoch(name),
+                    "latest_event_id": await st.events.latest_id(name),
+                    "events_in_redis": int(await st.client.xlen(st.events.stream_key(name)))})
+    return web.json_response({"strategies": out, "count": len(out)})
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    st = request.app[state_key]
+    name = _strategy(request)
+    epoch = await st.events.epoch(name)
+    if epoch is None:
+        return error(404, f"unknown strategy {name!r}")
+    rows = [price_item(s.id, json.loads(s.fields[b"e"])) for s in await st.events.snapshot(name)]
+    return web.json_response({"strategy": name, "epoch": epoch, "data": rows, "count": len(rows)})
+
+
+def _id_param(request: web.Request, name: str) -> str | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        parse_id(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"{name} must be an event id like 1732415403000-0"}),
+                                 content_type="application/json") from None
+    return raw
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    st = request.app[state_key]
+    name = _strategy(request)
+    since, until = _id_param(request, "since"), _id_param(request, "until")
+    fmt = request.query.get("format", "ndjson")
+    if fmt not in ("ndjson", "csv"):
+        return error(400, "format must be ndjson or csv")
+    try:
+        limit = int(request.query.get("limit", "10000"))
+        if not 1 <= limit <= 1_000_000:
+            raise ValueError
+    except ValueError:
+        return error(400, "limit must be an integer from 1 to 1000000")
+    epoch = request.query.get("epoch")
+    first = await history(st.events, st.archive, name, epoch=epoch, after_id=since, until_id=until,
+                          limit=min(PAGE, limit))
+    if not first.covered:
+        status = 404 if first.reason == "unknown_strategy" else 410
+        return error(status, "history cannot cover this request", reason=first.reason, epoch=first.epoch)
+    resp = web.StreamResponse(headers={
+        "Content-Type": "application/x-ndjson" if fmt == "ndjson" else "text/csv; charset=utf-8",
+        "X-Tickwave-Epoch": first.epoch or ""})
+    await resp.prepare(request)
+    writer_buf = io.StringIO()
+    writer = csv.DictWriter(writer_buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    if fmt == "csv":
+        writer.writeheader()
+    page, sent = first, 0
+    while True:
+        chunk = []
+        for stored in page.events[: limit - sent]:
+            doc = json.loads(stored.fields[b"e"])
+            doc["event_id"] = stored.id
+            doc["kind"] = stored.kind.decode()
+            if fmt == "ndjson":
+                chunk.append(json.dumps(doc, ensure_ascii=False))
+            elif doc["kind"] == "price":
+                writer.writerow(doc)
+        sent += min(len(page.events), limit - sent)
+        if fmt == "ndjson":
+            await resp.write(("\n".join(chunk) + "\n").encode() if chunk else b"")
+        else:
+            await resp.write(writer_buf.getvalue().encode())
+            writer_buf.seek(0)
+            writer_buf.truncate()
+        if sent >= limit or not page.truncated or not page.events:
+            break
+        page = await history(st.events, st.archive, name, epoch=page.epoch, after_id=page.events[-1].id,
+                             until_id=until, limit=min(PAGE, limit - sent))
+        if not page.covered:  # the stream changed under a long download: stop rather than leave a hole
+            break
+    await resp.write_eof()
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    st = request.app[state_key]
+    checks: dict[str, Any] = {}
+    try:
+        await st.client.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        checks["redis"] = f"unreachable: {exc}"
+    if st.pool is not None:
+        try:
+            await st.pool.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["postgres"] = f"unreachable: {exc}"
+    worst = max(st.hub.lag.values(), default=0)
+    checks["max_consumer_lag"] = worst
+    ready = all(v == "ok" for k, v in checks.items() if k != "max_consumer_lag") and worst <= st.settings.edge_ready_max_lag
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,86 @@
+"""The edge's app factory: routes, background resources in cleanup_ctx, JSON errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from agents.archive_store import ArchiveStore
+from agents.db import create_pool
+from edge import api
+from edge.auth import TokenVerifier
+from edge.hub import Hub
+from edge.limits import AddressCounter
+from edge.state import EdgeState, state_key
+from edge.ws import websocket
+from streams.connection import connect
+from streams.events import EventLog
+from streams.keys import Keys
+from tickwave.settings import EdgeSettings
+
+log = logging.getLogger("tickwave.edge")
+STATIC = Path(__file__).parent / "static"
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error is JSON with a message; unexpected ones are logged once, never shown."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return web.json_response({"error": exc.reason}, status=exc.status)
+    except Exception:
+        log.exception("request failed", extra={"path": request.path})
+        return web.json_response({"error": "internal error"}, status=500)
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+def create_app(settings: EdgeSettings) -> web.Application:
+    """The edge application; Redis (and PostgreSQL when configured) open in cleanup_ctx."""
+    if not settings.redis_url:
+        raise ValueError("REDIS_URL is not set")
+    redis_url = settings.redis_url
+    app = web.Application(middlewares=[json_errors])
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        client = connect(redis_url)
+        keys = Keys(settings.key_prefix)
+        events = EventLog(client, keys)
+        pool = await create_pool(settings.database_url) if settings.database_url else None
+        verifier = (TokenVerifier(secret=settings.edge_jwt_secret, public_key=settings.edge_jwt_public_key,
+                                  audience=settings.edge_jwt_audience) if settings.auth_enabled else None)
+        hub = Hub(client, keys, events, node=settings.edge_node, tick_partitions=settings.tick_partitions)
+        app[state_key] = EdgeState(settings, client, keys, events, hub, ArchiveStore(pool) if pool else None,
+                                   pool, verifier, AddressCounter(settings.edge_max_connections_per_ip))
+        log.info("edge started", extra={"node": settings.edge_node, "group": hub.group,
+                                         "auth": bool(verifier), "archive": bool(pool)})
+        yield
+        for session in list(app[state_key].sessions):
+            await session.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        await hub.close()
+        if pool is not None:
+            await pool.close()
+        await client.aclose()
+        log.info("edge stopped", extra={"node": settings.edge_node})
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/ws/stock/prices", websocket)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/api/strategies", api.strategies)
+    app.router.add_get("/api/strategies/{strategy}/snapshot", api.snapshot)
+    app.router.add_get("/api/strategies/{strategy}/events", api.events)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/", index)
+    return app

@@ -1,0 +1,129 @@
+"""One client connection's outbound side: a send queue bounded in bytes, conflation, 4008.
+
+Fan-out only appends here and never awaits the socket, so one slow client
+cannot delay the others; a writer task per connection drains the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from edge import metrics
+from edge.frames import price_update
+
+log = logging.getLogger("tickwave.edge")
+
+CLOSE_SLOW = 4008
+# conflating this many times without the queue ever draining means the client cannot keep up
+MAX_CONFLATIONS_WITHOUT_DRAIN = 3
+
+
+@dataclass
+class Outgoing:
+    text: str
+    kind: str
+    ingest_ms: float | None = None
+    # set for price updates, so they can be conflated: (target, epoch, rows)
+    prices: tuple[str, str | None, list[dict[str, Any]]] | None = None
+
+
+@dataclass
+class Sender:
+    ws: web.WebSocketResponse
+    client_id: str
+    cap_bytes: int
+    queue: deque[Outgoing] = field(default_factory=deque)
+    queued_bytes: int = 0
+    conflations: int = 0
+    closed: bool = False
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._drain(), name=f"send-{self.client_id}")
+
+    async def stop(self) -> None:
+        self.closed = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the socket is going away
+                pass
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Give the writer up to `timeout` to send what is queued (before a deliberate close)."""
+        deadline = time.monotonic() + timeout
+        while self.queue and not self.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    def send_json(self, kind: str, doc: dict[str, Any]) -> None:
+        self.put(Outgoing(json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str), kind))
+
+    def put(self, item: Outgoing) -> None:
+        if self.closed:
+            return
+        self.queue.append(item)
+        self.queued_bytes += len(item.text)
+        if self.queued_bytes > self.cap_bytes:
+            self._conflate()
+        self._wake.set()
+
+    def _conflate(self) -> None:
+        """Keep control frames in order; collapse every queued price update into the latest row per stock."""
+        latest: dict[str, dict[str, dict[str, Any]]] = {}
+        epochs: dict[str, str | None] = {}
+        ingest: dict[str, float | None] = {}
+        kept: deque[Outgoing] = deque()
+        for item in self.queue:
+            if item.prices is None:
+                kept.append(item)
+                continue
+            target, epoch, rows = item.prices
+            per_stock = latest.setdefault(target, {})
+            for row in rows:
+                per_stock.pop(row["ts_code"], None)  # re-insert: dict order follows recency
+                per_stock[row["ts_code"]] = row
+            epochs[target] = epoch
+            ingest[target] = item.ingest_ms if ingest.get(target) is None else ingest[target]
+        for target, rows_by_code in latest.items():
+            rows = list(rows_by_code.values())
+            kept.append(Outgoing(price_update(target, epochs[target], rows), "price_update",
+                                 ingest[target], (target, epochs[target], rows)))
+        self.queue = kept
+        self.queued_bytes = sum(len(i.text) for i in kept)
+        self.conflations += 1
+        metrics.CONFLATIONS.inc()
+        if self.queued_bytes > self.cap_bytes or self.conflations > MAX_CONFLATIONS_WITHOUT_DRAIN:
+            self._close_slow()
+
+    def _close_slow(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.queued_bytes = 0
+        metrics.SLOW_CLOSES.inc()
+        log.info("slow client closed", extra={"client_id": self.client_id, "code": CLOSE_SLOW})
+        asyncio.ensure_future(self.ws.close(code=CLOSE_SLOW, message=b"too slow: send queue full"))
+
+    async def _drain(self) -> None:
+        while not self.closed:
+            if not self.queue:
+                self.conflations = 0  # drained: the client is keeping up
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self.queue.popleft()
+            self.queued_bytes -= len(item.text)
+            await self.ws.send_str(item.text)
+            metrics.MESSAGES_SENT.labels(item.kind).inc()
+            metrics.BYTES_SENT.inc(len(item.text))
+            if item.ingest_ms is not None:
+                metrics.PUSH_LATENCY.observe(max(0.0, time.time() - item.ingest_ms / 1000))

@@ -1,0 +1,107 @@
+"""Outbound frames as JSON text, built straight from stored event bytes on the hot path.
+
+The events were validated when appended; here they are only reshaped into the
+old client's `price_update` rows. Field names match schemas.messages.PriceItem
+(a test checks that every frame built here validates against the model).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from streams.events import StoredEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events of one target read together: price rows plus signal changes, in id order."""
+
+    target: str
+    epoch: str | None
+    first_id: str
+    last_id: str
+    ids: tuple[str, ...]
+    prices: tuple[dict[str, Any], ...]  # PriceItem dicts; each carries its event_id
+    signals: tuple[tuple[str, dict[str, Any]], ...]  # (id, SignalChange dict)
+    ingest_ms: float | None  # oldest ingest time in the batch, for push latency
+
+
+def price_item(event_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    code = doc["ts_code"]
+    return {
+        "code": code.split(".", 1)[0],
+        "ts_code": code,
+        "name": doc.get("name", ""),
+        "price": doc["price"],
+        "change": doc["change"],
+        "change_percent": doc["change_percent"],
+        "volume": doc.get("volume", 0),
+        "timestamp": doc["tick_time"],
+        "event_id": event_id,
+        "signal_price": doc.get("signal_price"),
+        "change_since_signal_percent": doc.get("change_since_signal_percent"),
+    }
+
+
+def _ingest_ms(doc: dict[str, Any]) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(doc["ingest_time"]).timestamp() * 1000
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def batch_of(target: str, epoch: str | None, events: Iterable[StoredEvent]) -> tuple[Batch | None, int]:
+    """A Batch from stored events; returns it and how many entries were unreadable (skipped)."""
+    ids, prices, signals = [], [], []
+    oldest: float | None = None
+    bad = 0
+    for stored in events:
+        try:
+            fields = stored.fields
+            doc = json.loads(fields[b"e"])
+            if fields[b"y"] == b"price":
+                prices.append(price_item(stored.id, doc))
+                ms = _ingest_ms(doc)
+                if ms is not None and (oldest is None or ms < oldest):
+                    oldest = ms
+            else:
+                signals.append((stored.id, doc))
+            ids.append(stored.id)
+        except (KeyError, ValueError, TypeError):
+            bad += 1
+    if not ids:
+        return None, bad
+    return Batch(target, epoch, ids[0], ids[-1], tuple(ids), tuple(prices), tuple(signals), oldest), bad
+
+
+def price_update(target: str, epoch: str | None, rows: list[dict[str, Any]], *, snapshot: bool = False) -> str:
+    return json.dumps({
+        "type": "price_update", "data": rows, "count": len(rows), "target": target,
+        "event_id": rows[-1]["event_id"] if rows else None, "epoch": epoch, "snapshot": snapshot,
+    }, ensure_ascii=False, separators=(",", ":"))
+
+
+def signal_update(target: str, event_id: str, change: dict[str, Any]) -> str:
+    return json.dumps({
+        "type": "signal_update", "action": change["action"], "data": [change["signal"]], "count": 1,
+        "target": target, "event_id": event_id,
+    }, ensure_ascii=False, separators=(",", ":"))
+
+
+def render(batch: Batch, after_id: tuple[int, int] | None = None) -> list[str]:
+    """Frames for a batch: one price_update, then each signal_update; ids <= after_id dropped."""
+    from streams.events import parse_id
+
+    rows = list(batch.prices)
+    signals = list(batch.signals)
+    if after_id is not None:
+        rows = [r for r in rows if parse_id(r["event_id"]) > after_id]
+        signals = [(i, s) for i, s in signals if parse_id(i) > after_id]
+    frames = [price_update(batch.target, batch.epoch, rows)] if rows else []
+    frames += [signal_update(batch.target, i, s) for i, s in signals]
+    return frames

@@ -1,0 +1,271 @@
+"""Fan-out hub: one consumer-group tail per strategy stream per node, shared by all its subscribers.
+
+A tail starts with the first subscriber and stops with the last, so streams
+nobody watches are not read. Its group is `edge:<node>`: a restarted node
+resumes where it stopped, and its lag shows in metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import cast
+from dataclasses import dataclass, field
+
+import redis.exceptions as rex
+
+from edge import metrics
+from edge.conn import Outgoing, Sender
+from edge.frames import Batch, batch_of, price_update, signal_update
+from streams import groups
+from streams.codec import CorruptEntry, decode_record
+from streams.connection import AnyRedis
+from streams.errors import StreamUnavailable, translated
+from streams.events import EventLog, lazy, parse_id
+from streams.keys import Keys
+from streams.partition import partition_for
+
+log = logging.getLogger("tickwave.edge")
+
+Id = tuple[int, int]
+
+
+def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
+    """The frames of a batch for one subscriber; events at or before `after` are left out."""
+    rows = list(batch.prices)
+    signals = list(batch.signals)
+    if after is not None:
+        rows = [r for r in rows if parse_id(r["event_id"]) > after]
+        signals = [(i, s) for i, s in signals if parse_id(i) > after]
+    out = []
+    if rows:
+        out.append(Outgoing(price_update(batch.target, batch.epoch, rows), "price_update", batch.ingest_ms,
+                            (batch.target, batch.epoch, rows)))
+    out += [Outgoing(signal_update(batch.target, i, s), "signal_update") for i, s in signals]
+    return out
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One client's subscription to one target; buffers live events while its replay runs."""
+
+    kind: str
+    target: str
+    sender: Sender
+    seen: Id | None = None
+    code: str = ""  # the normalised ts_code of a stock subscription
+    buffering: bool = True
+    buffer: list[Batch] = field(default_factory=list)
+
+    def deliver(self, batch: Batch, shared: list[Outgoing]) -> None:
+        if self.buffering:
+            self.buffer.append(batch)
+            return
+        if self.seen is not None and parse_id(batch.last_id) <= self.seen:
+            return
+        items = shared if self.seen is None or parse_id(batch.first_id) > self.seen else outgoing(batch, self.seen)
+        for item in items:
+            self.sender.put(item)
+        self.seen = parse_id(batch.last_id)
+
+    def go_live(self, seen: Id | None) -> None:
+        """End the replay: send buffered events newer than `seen`, then deliver live."""
+        self.seen = seen
+        self.buffering = False
+        pending, self.buffer = self.buffer, []
+        for batch in pending:
+            self.deliver(batch, outgoing(batch))
+
+
+class StrategyTail:
+    def __init__(self, hub: Hub, strategy: str):
+        self.hub, self.strategy = hub, strategy
+        self.key = hub.events.stream_key(strategy)
+        self.subs: set[Subscription] = set()
+        self.epoch: str | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="$")
+        self.epoch = await self.hub.events.epoch(self.strategy)
+        self.task = asyncio.create_task(self._run(), name=f"tail-{self.strategy}")
+        log.info("tail started", extra={"strategy": self.strategy, "group": self.hub.group})
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        log.info("tail stopped", extra={"strategy": self.strategy})
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        last_lag = 0.0
+        while True:
+            try:
+                got = await groups.read_group(self.hub.client, self.hub.group, self.hub.consumer,
+                                              {self.key: ">"}, count=1000, block_ms=1000)
+                for _, entries in got:
+                    if entries:
+                        self._dispatch(entries)
+                        await groups.ack(self.hub.client, self.hub.group, [(self.key, e[0]) for e in entries])
+                if time.monotonic() - last_lag > 5:
+                    last_lag = time.monotonic()
+                    lag = await groups.group_lag(self.hub.client, self.key, self.hub.group)
+                    if lag is not None:
+                        metrics.CONSUMER_LAG.labels(self.strategy, self.hub.group).set(lag)
+                        self.hub.lag[self.strategy] = lag
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except rex.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # the stream was deleted and recreated: a new epoch, a new group
+                log.warning("stream recreated; following the new epoch", extra={"strategy": self.strategy})
+                await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="0")
+                self.epoch = await self.hub.events.epoch(self.strategy)
+            except StreamUnavailable as exc:
+                log.warning("redis unavailable; retrying", extra={"strategy": self.strategy, "error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5)
+
+    def _dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        batch, bad = batch_of(self.strategy, self.epoch, (lazy(eid, f) for eid, f in entries))
+        if bad:
+            metrics.REFUSALS.labels("corrupt_event").inc(bad)
+            log.warning("unreadable events skipped", extra={"strategy": self.strategy, "count": bad})
+        metrics.EVENTS_READ.labels(self.strategy).inc(len(entries))
+        if batch is None:
+            return
+        shared = outgoing(batch)
+        for sub in list(self.subs):
+            sub.deliver(batch, shared)
+
+
+class StockTail:
+    """Live quotes of the stocks someone subscribed to, from their ticks partition (no group)."""
+
+    def __init__(self, hub: Hub, partition: int):
+        self.hub, self.partition = hub, partition
+        self.key = hub.keys.topic_partition("ticks", partition)
+        self.subs: dict[str, set[Subscription]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"stock-tail-{self.partition}")
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        last = "$"
+        while True:
+            try:
+                with translated(f"tail {self.key}"):
+                    reply = await self.hub.client.xread({self.key: last}, count=1000, block=1000)
+            except StreamUnavailable:
+                await asyncio.sleep(1)
+                continue
+            for _, entries in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply or []):
+                for eid, fields in entries:
+                    last = eid.decode() if isinstance(eid, bytes) else eid
+                    self._dispatch(last, fields)
+
+    def _dispatch(self, eid: str, fields: dict[bytes, bytes]) -> None:
+        try:
+            record = decode_record(eid, fields)
+        except CorruptEntry:
+            metrics.REFUSALS.labels("corrupt_tick").inc()
+            return
+        code = (record.key or b"").decode()
+        subs = self.subs.get(code)
+        if not subs or record.value is None:
+            return
+        from schemas.events import Tick
+        from schemas.market import percent_change
+
+        try:
+            tick = Tick.model_validate_json(record.value)
+        except ValueError:
+            metrics.REFUSALS.labels("corrupt_tick").inc()
+            return
+        row = {
+            "code": code.split(".")[0], "ts_code": code, "name": tick.name, "price": tick.price,
+            "change": round(tick.price - tick.pre_close, 4), "change_percent": percent_change(tick.price, tick.pre_close),
+            "volume": tick.volume, "timestamp": tick.time.isoformat(), "event_id": eid,
+            "signal_price": None, "change_since_signal_percent": None,
+        }
+        for sub in subs:
+            sub.sender.put(Outgoing(price_update(sub.target, None, [row]), "price_update",
+                                    record.timestamp_ms, (sub.target, None, [row])))
+
+
+class Hub:
+    def __init__(self, client: AnyRedis, keys: Keys, events: EventLog, *, node: str, tick_partitions: int):
+        self.client, self.keys, self.events = client, keys, events
+        self.group = f"edge:{node}"
+        self.consumer = node
+        self.tick_partitions = tick_partitions
+        self.tails: dict[str, StrategyTail] = {}
+        self.stock_tails: dict[int, StockTail] = {}
+        self.lag: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+
+    async def join(self, sub: Subscription) -> None:
+        """Attach a (buffering) subscription; returns once its tail is reading."""
+        async with self._lock:
+            if sub.kind == "stock":
+                p = partition_for(sub.code, self.tick_partitions)
+                tail = self.stock_tails.get(p)
+                if tail is None:
+                    tail = self.stock_tails[p] = StockTail(self, p)
+                    tail.start()
+                tail.subs.setdefault(sub.code, set()).add(sub)
+                sub.buffering = False
+            else:
+                strategy_tail = self.tails.get(sub.target)
+                if strategy_tail is None:
+                    strategy_tail = StrategyTail(self, sub.target)
+                    await strategy_tail.start()
+                    self.tails[sub.target] = strategy_tail
+                strategy_tail.subs.add(sub)
+            metrics.SUBSCRIPTIONS.labels(sub.kind, sub.target).inc()
+
+    async def leave(self, sub: Subscription) -> None:
+        async with self._lock:
+            metrics.SUBSCRIPTIONS.labels(sub.kind, sub.target).dec()
+            if sub.kind == "stock":
+                for p, tail in list(self.stock_tails.items()):
+                    code_subs = tail.subs.get(sub.code)
+                    if code_subs and sub in code_subs:
+                        code_subs.discard(sub)
+                        if not code_subs:
+                            del tail.subs[sub.code]
+                        if not tail.subs:
+                            del self.stock_tails[p]
+                            await tail.stop()
+                return
+            strategy_tail = self.tails.get(sub.target)
+            if strategy_tail is None:
+                return
+            strategy_tail.subs.discard(sub)
+            if not strategy_tail.subs:
+                del self.tails[sub.target]
+                await strategy_tail.stop()
+
+    async def close(self) -> None:
+        for tail in list(self.tails.values()):
+            await tail.stop()
+        for stock_tail in list(self.stock_tails.values()):
+            await stock_tail.stop()
+        self.tails.clear()
+        self.stock_tails.clear()

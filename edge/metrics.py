@@ -1,0 +1,19 @@
+"""Edge metrics (prometheus-client), all in one place."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("tickwave_edge_connections", "Open WebSocket connections")
+SUBSCRIPTIONS = Gauge("tickwave_edge_subscriptions", "Active subscriptions", ["kind", "target"])
+MESSAGES_SENT = Counter("tickwave_edge_messages_sent_total", "Frames sent to clients", ["type"])
+BYTES_SENT = Counter("tickwave_edge_bytes_sent_total", "Bytes sent to clients")
+REPLAYED = Counter("tickwave_edge_replayed_events_total", "Events replayed on resume")
+RESUMES = Counter("tickwave_edge_resumes_total", "Subscribe verdicts", ["recovered"])
+PUSH_LATENCY = Histogram(
+    "tickwave_edge_push_latency_seconds", "Event ingest time to send",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CONFLATIONS = Counter("tickwave_edge_conflations_total", "Send queues conflated to the latest price per stock")
+SLOW_CLOSES = Counter("tickwave_edge_slow_closes_total", "Clients closed with 4008 for not keeping up")
+REFUSALS = Counter("tickwave_edge_refusals_total", "Refused connections, frames and subscriptions", ["reason"])
+CONSUMER_LAG = Gauge("tickwave_edge_consumer_lag", "Entries not yet read by this node's group", ["strategy", "group"])
+EVENTS_READ = Counter("tickwave_edge_events_read_total", "Events read from strategy streams", ["strategy"])

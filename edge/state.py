@@ -1,0 +1,36 @@
+"""What the edge app holds, typed for `app[state_key]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from agents.archive_store import ArchiveStore
+from edge.auth import TokenVerifier
+from edge.limits import AddressCounter
+from streams.connection import AnyRedis
+from streams.events import EventLog
+from streams.keys import Keys
+from tickwave.settings import EdgeSettings
+
+if TYPE_CHECKING:
+    from edge.hub import Hub
+
+
+@dataclass
+class EdgeState:
+    settings: EdgeSettings
+    client: AnyRedis
+    keys: Keys
+    events: EventLog
+    hub: Hub
+    archive: ArchiveStore | None
+    pool: Any
+    verifier: TokenVerifier | None
+    addresses: AddressCounter
+    sessions: set[Any] = field(default_factory=set)
+
+
+state_key: web.AppKey[EdgeState] = web.AppKey("tickwave_edge", EdgeState)

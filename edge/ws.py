@@ -1,0 +1,243 @@
+"""The WebSocket endpoint: the old client's protocol, extended for resume (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from agents.history import history
+from edge import metrics
+from edge.auth import OPEN, AuthError, Grant, token_from
+from edge.conn import Outgoing, Sender
+from edge.frames import price_item, price_update
+from edge.hub import Subscription, outgoing
+from edge.limits import TokenBucket
+from edge.state import EdgeState, state_key
+from schemas.market import InvalidCode, parse_ts_code
+from schemas.messages import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    parse_client_message,
+)
+from streams.events import parse_id
+from streams.keys import check_name
+
+log = logging.getLogger("tickwave.edge")
+
+CLOSE_AUTH = 4001
+CLOSE_LIMIT = 4029
+
+
+def _refuse(reason: str) -> None:
+    metrics.REFUSALS.labels(reason).inc()
+
+
+class Session:
+    """One connected client: its subscriptions and what it is allowed."""
+
+    def __init__(self, state: EdgeState, ws: web.WebSocketResponse, grant: Grant, client_id: str):
+        self.state, self.ws, self.grant, self.client_id = state, ws, grant, client_id
+        s = state.settings
+        self.sender = Sender(ws, client_id, s.edge_send_queue_bytes)
+        self.bucket = TokenBucket(s.edge_rate_per_s, s.edge_rate_burst)
+        self.subs: dict[tuple[str, str], Subscription] = {}
+
+    def error(self, exc: ProtocolError) -> None:
+        self.sender.send_json("error", exc.to_message().model_dump(mode="json"))
+
+    async def handle(self, text: str) -> bool:
+        """Handle one frame; False when the connection must close."""
+        if not self.bucket.allow():
+            _refuse("rate_limited")
+            self.error(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages per second",
+                                     {"rate_per_s": self.state.settings.edge_rate_per_s}))
+            await self.sender.flush()
+            await self.ws.close(code=CLOSE_LIMIT, message=b"rate limit exceeded")
+            return False
+        try:
+            msg = parse_client_message(text)
+            if isinstance(msg, Ping):
+                self.sender.send_json("pong", {"type": "pong", "timestamp": _now(), "id": msg.id})
+            elif isinstance(msg, Subscribe):
+                return await self.subscribe(msg)
+            elif isinstance(msg, Unsubscribe):
+                await self.unsubscribe(msg)
+        except ProtocolError as exc:
+            _refuse(f"bad_frame:{exc.code}")
+            log.info("bad frame", extra={"client_id": self.client_id, "code": exc.code, "error": exc.error})
+            self.error(exc)
+        return True
+
+    def _target(self, msg: Subscribe | Unsubscribe) -> tuple[str, str]:
+        if msg.subscription_type == "stock":
+            try:
+                return msg.target, parse_ts_code(msg.target)
+            except InvalidCode as exc:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), {"field": "target"}, msg.id) from None
+        target = "market" if msg.subscription_type == "market" and not msg.target else msg.target
+        try:
+            check_name(target, "strategy")
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), {"field": "target"}, msg.id) from None
+        return target, ""
+
+    async def subscribe(self, msg: Subscribe) -> bool:
+        target, code = self._target(msg)
+        if msg.subscription_type != "stock" and not self.grant.allows(target):
+            _refuse("forbidden")
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"this token may not subscribe to {target!r}",
+                                {"target": target}, msg.id)
+        key = (msg.subscription_type, target)
+        if key in self.subs:
+            await self.state.hub.leave(self.subs.pop(key))
+        elif len(self.subs) >= self.state.settings.edge_max_subscriptions:
+            _refuse("too_many_subscriptions")
+            self.error(ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                                     f"at most {self.state.settings.edge_max_subscriptions} subscriptions",
+                                     None, msg.id))
+            await self.sender.flush()
+            await self.ws.close(code=CLOSE_LIMIT, message=b"too many subscriptions")
+            return False
+        sub = Subscription(msg.subscription_type, target, self.sender, code=code)
+        self.subs[key] = sub
+        await self.state.hub.join(sub)  # live events buffer from here on
+        if msg.subscription_type == "stock":
+            self.sender.send_json("subscribed", {
+                "type": "subscribed", "subscription_type": "stock", "target": msg.target, "epoch": None,
+                "event_id": None, "recovered": False, "replayed": 0, "id": msg.id})
+            return True
+        await self._replay_or_snapshot(sub, msg)
+        return True
+
+    async def _replay_or_snapshot(self, sub: Subscription, msg: Subscribe) -> None:
+        st = self.state
+        target = sub.target
+        limit = st.settings.edge_max_replay
+        if msg.last_event_id:
+            got = await history(st.events, st.archive, target, epoch=msg.epoch, after_id=msg.last_event_id,
+                                limit=limit)
+            if got.covered and not got.truncated:
+                metrics.RESUMES.labels("true").inc()
+                metrics.REPLAYED.inc(len(got.events))
+                last = got.events[-1].id if got.events else msg.last_event_id
+                self.sender.send_json("subscribed", {
+                    "type": "subscribed", "subscription_type": msg.subscription_type, "target": target,
+                    "epoch": got.epoch, "event_id": last, "recovered": True, "replayed": len(got.events),
+                    "id": msg.id})
+                from edge.frames import batch_of
+
+                for start in range(0, len(got.events), 500):
+                    batch, _ = batch_of(target, got.epoch, got.events[start:start + 500])
+                    if batch is not None:
+                        for item in outgoing(batch):
+                            self.sender.put(item)
+                sub.go_live(parse_id(last))
+                return
+            metrics.RESUMES.labels("false").inc()
+            log.info("resume not covered", extra={"client_id": self.client_id, "target": target,
+                                                  "reason": got.reason or "too_many_events"})
+        await self._snapshot(sub, msg, recovered_attempt=bool(msg.last_event_id))
+
+    async def _snapshot(self, sub: Subscription, msg: Subscribe, *, recovered_attempt: bool) -> None:
+        st = self.state
+        epoch = await st.events.epoch(sub.target)
+        snap = await st.events.snapshot(sub.target)
+        latest = await st.events.latest_id(sub.target)
+        rows = [price_item(s.id, _doc(s)) for s in snap]
+        self.sender.send_json("subscribed", {
+            "type": "subscribed", "subscription_type": msg.subscription_type, "target": sub.target,
+            "epoch": epoch, "event_id": latest, "recovered": False, "replayed": 0, "id": msg.id})
+        self.sender.put(Outgoing(price_update(sub.target, epoch, rows, snapshot=True), "price_update"))
+        sub.go_live(parse_id(latest) if latest else None)
+
+    async def unsubscribe(self, msg: Unsubscribe) -> None:
+        target, _ = self._target(msg)
+        sub = self.subs.pop((msg.subscription_type, target), None)
+        if sub is not None:
+            await self.state.hub.leave(sub)
+        self.sender.send_json("unsubscribed", {"type": "unsubscribed", "subscription_type": msg.subscription_type,
+                                               "target": msg.target, "id": msg.id})
+
+    async def close(self) -> None:
+        for sub in self.subs.values():
+            await self.state.hub.leave(sub)
+        self.subs.clear()
+        await self.sender.stop()
+
+
+def _doc(stored: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(stored.fields[b"e"])  # type: ignore[no-any-return]
+
+
+def _now() -> str:
+    from datetime import datetime
+
+    from schemas.market import SHANGHAI
+
+    return datetime.now(SHANGHAI).isoformat()
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[state_key]
+    s = state.settings
+    origin = request.headers.get("Origin")
+    if s.origins and origin not in s.origins:
+        _refuse("origin")
+        return web.json_response({"error": "origin not allowed", "origin": origin}, status=403)
+    address = request.remote or "unknown"
+    if not state.addresses.acquire(address):
+        _refuse("connections_per_ip")
+        return web.json_response({"error": "too many connections from this address",
+                                  "limit": s.edge_max_connections_per_ip}, status=429)
+    ws = web.WebSocketResponse(heartbeat=s.edge_heartbeat_s, max_msg_size=s.edge_max_frame_bytes)
+    session: Session | None = None
+    try:
+        grant = OPEN
+        auth_error = None
+        if state.verifier is not None:
+            try:
+                grant = state.verifier.verify(token_from(dict(request.query), request.headers.get("Authorization")))
+            except AuthError as exc:
+                auth_error = str(exc)
+        await ws.prepare(request)
+        if auth_error is not None:
+            _refuse("auth")
+            log.info("auth refused", extra={"remote": address, "error": auth_error})
+            await ws.send_json({"type": "error", "error": auth_error, "details": None, "code": 401})
+            await ws.close(code=CLOSE_AUTH, message=auth_error.encode()[:120])
+            return ws
+        client_id = uuid.uuid4().hex[:12]
+        session = Session(state, ws, grant, client_id)
+        state.sessions.add(session)
+        metrics.CONNECTIONS.inc()
+        session.sender.start()
+        session.sender.send_json("connected", {
+            "type": "connected", "client_id": client_id, "message": "connected to tickwave",
+            "timestamp": _now(), "protocol": PROTOCOL_VERSION, "heartbeat": s.edge_heartbeat_s})
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                if not await session.handle(msg.data):
+                    break
+            elif msg.type == WSMsgType.BINARY:
+                _refuse("bad_frame:binary")
+                session.error(ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not supported; send JSON text"))
+            elif msg.type == WSMsgType.ERROR:
+                # e.g. a frame over max_msg_size: aiohttp has already closed with 1009
+                _refuse("frame_too_large" if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG else "ws_error")
+                break
+        return ws
+    finally:
+        state.addresses.release(address)
+        if session is not None:
+            metrics.CONNECTIONS.dec()
+            state.sessions.discard(session)
+            await session.close()

@@ -1,0 +1,252 @@
+"""The edge's WebSocket protocol against real Redis (and PostgreSQL for the archive)."""
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from agents.archive_store import ArchiveStore
+from agents.db import create_pool, upgrade
+from schemas.messages import Connected, PriceUpdate, Subscribed
+from streams.events import EventLog
+from tests.edge_harness import EdgeProcess, edge_settings, running_edge, ws_client
+from tests.factories import price_changes, signal_change
+
+
+class Feeder:
+    """Appends events to a strategy in the background, like the join agent would."""
+
+    def __init__(self, log, strategy="volume_wave", per_batch=5, pause=0.01):
+        self.log, self.strategy, self.per_batch, self.pause = log, strategy, per_batch, pause
+        self.ids: list[str] = []
+        self.offset = 10_000
+        self.task = None
+
+    async def once(self, n):
+        ids = await self.log.append_events(self.strategy, price_changes(n, self.strategy, start=self.offset))
+        self.offset += n
+        self.ids += ids
+        return ids
+
+    async def _run(self):
+        while True:
+            await self.once(self.per_batch)
+            await asyncio.sleep(self.pause)
+
+    def start(self):
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self):
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+
+async def collect_until(client, predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out collecting frames")
+        await client.next(timeout=deadline - time.monotonic())
+
+
+@pytest.fixture
+async def edge(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys)) as base:
+        yield base
+
+
+# --- the old mobile client's exact frames ----------------------------------------------------
+
+async def test_old_client_strategy_subscription_gets_the_old_fields(edge, redis, keys):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(6))
+    async with ws_client(edge) as c:
+        hello = await c.next()
+        Connected.model_validate(hello)
+        assert hello["type"] == "connected" and hello["client_id"]
+        await c.send('{"type":"subscribe","subscription_type":"strategy","target":"volume_wave"}')
+        sub = Subscribed.model_validate(await c.next(type="subscribed"))
+        assert sub.target == "volume_wave" and sub.recovered is False
+        snap = await c.next(type="price_update")
+        PriceUpdate.model_validate(snap)
+        assert snap["snapshot"] is True and snap["count"] == 3 == len(snap["data"])
+        row = snap["data"][0]
+        assert {"code", "name", "price", "change", "change_percent", "volume", "timestamp"} <= row.keys()
+        assert len(row["code"]) == 6 and row["code"].isdigit()
+        live = await log.append_events("volume_wave", price_changes(2, start=6))
+        await collect_until(c, lambda: c.event_ids() == live)
+
+
+async def test_old_client_stock_subscription_with_a_bare_code(edge, redis, keys):
+    from agents.ingest import TickWriter
+    from tests.test_ingest import raw
+
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send('{"type":"subscribe","subscription_type":"stock","target":"600519"}')
+        sub = await c.next(type="subscribed")
+        assert sub["subscription_type"] == "stock" and sub["target"] == "600519"
+        writer = TickWriter(redis, keys, partitions=8, source="test")
+        await asyncio.sleep(0.2)  # the stock tail reads from "now"
+        await writer.write([raw("600519.SH", 1520.0), raw("000001.SZ", 11.3, pre_close=11.2, name="平安银行")])
+        upd = await c.next(type="price_update")
+        assert upd["target"] == "600519" and [r["code"] for r in upd["data"]] == ["600519"]
+        assert upd["data"][0]["price"] == 1520.0 and upd["data"][0]["change_percent"] == pytest.approx(1.3333, abs=1e-3)
+
+
+async def test_old_client_pings_every_30s_get_pongs(edge):
+    async with ws_client(edge) as c:
+        await c.next()
+        for _ in range(3):  # the old client's 30 s timer, compressed
+            await c.send('{"type":"ping"}')
+            assert (await c.next())["type"] == "pong"
+
+
+async def test_server_closes_a_client_silent_past_the_heartbeat(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys, edge_heartbeat_s=0.4)) as base:
+        async with aiohttp.ClientSession() as s:
+            # autoping off: this client never answers the server's pings
+            async with s.ws_connect(base + "/ws", autoping=False) as ws:
+                started = time.monotonic()
+                while True:
+                    msg = await ws.receive(timeout=5)
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                        break
+                assert time.monotonic() - started < 3
+
+
+# --- resume --------------------------------------------------------------------------------
+
+async def test_resume_across_a_disconnect_is_gapless_and_duplicate_free(edge, redis, keys):
+    log = EventLog(redis, keys)
+    feeder = Feeder(log)
+    await feeder.once(10)
+    feeder.start()
+    try:
+        seen: list[str] = []
+        last, epoch = None, None
+        for _round in range(4):
+            async with ws_client(edge) as c:
+                await c.next()
+                msg = {"type": "subscribe", "subscription_type": "strategy", "target": "volume_wave"}
+                if last:
+                    msg |= {"last_event_id": last, "epoch": epoch}
+                await c.send(msg)
+                sub = await c.next(type="subscribed")
+                if last:
+                    assert sub["recovered"] is True
+                epoch = sub["epoch"]
+                await collect_until(c, lambda: len(c.event_ids()) >= 40)
+                ids = c.event_ids()
+                seen += ids
+                last = seen[-1]
+            await asyncio.sleep(0.15)  # disconnected while events keep flowing
+    finally:
+        await feeder.stop()
+    start = feeder.ids.index(seen[0])
+    assert seen == feeder.ids[start:start + len(seen)], "gap or duplicate across reconnects"
+
+
+async def test_resume_past_redis_retention_comes_from_the_archive(redis_url, keys, redis, pg_url):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    log = EventLog(redis, keys, maxlen=200)
+    ids = []
+    for start in range(0, 2000, 100):
+        got = await log.append_events("volume_wave", price_changes(100, start=start))
+        ids += got
+        await store.write("volume_wave", await log.epoch("volume_wave"), await log.read_after("volume_wave", ids[-101] if len(ids) > 100 else None))
+    await pool.close()
+    assert await log.first_id("volume_wave") != ids[0]
+    epoch = await log.epoch("volume_wave")
+    async with running_edge(edge_settings(redis_url, keys, database_url=pg_url)) as base:
+        async with ws_client(base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "volume_wave", "last_event_id": ids[99], "epoch": epoch})
+            sub = await c.next(type="subscribed")
+            assert sub["recovered"] is True and sub["replayed"] == 1900
+            await collect_until(c, lambda: len(c.event_ids()) >= 1900)
+            assert c.event_ids() == ids[100:]
+
+
+async def test_an_unknown_epoch_gives_recovered_false_and_a_snapshot(edge, redis, keys):
+    log = EventLog(redis, keys)
+    ids = await log.append_events("volume_wave", price_changes(9))
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send({"type": "subscribe", "target": "volume_wave", "last_event_id": ids[2], "epoch": "not-this-one"})
+        sub = await c.next(type="subscribed")
+        assert sub["recovered"] is False and sub["epoch"] == await log.epoch("volume_wave")
+        snap = await c.next(type="price_update")
+        assert snap["snapshot"] is True and snap["count"] == 3
+
+
+async def test_more_missed_events_than_the_replay_cap_gives_a_snapshot(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    ids = await log.append_events("volume_wave", price_changes(50))
+    async with running_edge(edge_settings(redis_url, keys, edge_max_replay=10)) as base:
+        async with ws_client(base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "volume_wave", "last_event_id": ids[0]})
+            assert (await c.next(type="subscribed"))["recovered"] is False
+            assert (await c.next(type="price_update"))["snapshot"] is True
+
+
+async def test_signal_updates_pass_through_as_their_own_message(edge, redis, keys):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(3))
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send({"type": "subscribe", "target": "volume_wave"})
+        await c.next(type="price_update")
+        await log.append_events("volume_wave", [signal_change("remove", ts_code="000001.SZ")])
+        upd = await c.next(type="signal_update")
+        assert upd["action"] == "remove" and upd["data"][0]["ts_code"] == "000001.SZ" and upd["count"] == 1
+
+
+async def test_killing_an_edge_node_and_reconnecting_to_another_loses_nothing(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    feeder = Feeder(log)
+    await feeder.once(5)
+    a, b = EdgeProcess(redis_url, keys, "node-a"), EdgeProcess(redis_url, keys, "node-b")
+    try:
+        await a.ready()
+        await b.ready()
+        feeder.start()
+        async with ws_client(a.base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "volume_wave"})
+            sub = await c.next(type="subscribed")
+            await collect_until(c, lambda: len(c.event_ids()) >= 30)
+            first_part = c.event_ids()
+            a.kill()
+            # drain what was already on the wire before the node died
+            try:
+                while True:
+                    msg = await c.ws.receive(timeout=2)
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    c.frames.append(json.loads(msg.data))
+            except asyncio.TimeoutError:
+                pass
+            first_part = c.event_ids()
+        async with ws_client(b.base) as c2:
+            await c2.next()
+            await c2.send({"type": "subscribe", "target": "volume_wave", "last_event_id": first_part[-1],
+                           "epoch": sub["epoch"]})
+            assert (await c2.next(type="subscribed"))["recovered"] is True
+            await collect_until(c2, lambda: len(c2.event_ids()) >= 30)
+            seen = first_part + c2.event_ids()
+    finally:
+        await feeder.stop()
+        for node in (a, b):
+            if node.proc.poll() is None:
+                node.kill()
+    start = feeder.ids.index(seen[0])
+    assert seen == feeder.ids[start:start + len(seen)]

@@ -68,12 +68,18 @@ class Sender:
     def send_json(self, kind: str, doc: dict[str, Any]) -> None:
         self.put(Outgoing(json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str), kind))
 
+    def backlog(self) -> int:
+        """Bytes not yet handed to the kernel: our queue plus the transport's write buffer."""
+        transport = self.ws._req.transport if self.ws._req is not None else None  # noqa: SLF001
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self.queued_bytes + buffered
+
     def put(self, item: Outgoing) -> None:
         if self.closed:
             return
         self.queue.append(item)
         self.queued_bytes += len(item.text)
-        if self.queued_bytes > self.cap_bytes:
+        if self.backlog() > self.cap_bytes:
             self._conflate()
         self._wake.set()
 
@@ -102,7 +108,7 @@ class Sender:
         self.queued_bytes = sum(len(i.text) for i in kept)
         self.conflations += 1
         metrics.CONFLATIONS.inc()
-        if self.queued_bytes > self.cap_bytes or self.conflations > MAX_CONFLATIONS_WITHOUT_DRAIN:
+        if self.backlog() > self.cap_bytes or self.conflations > MAX_CONFLATIONS_WITHOUT_DRAIN:
             self._close_slow()
 
     def _close_slow(self) -> None:
@@ -111,12 +117,26 @@ class Sender:
         self.queued_bytes = 0
         metrics.SLOW_CLOSES.inc()
         log.info("slow client closed", extra={"client_id": self.client_id, "code": CLOSE_SLOW})
-        asyncio.ensure_future(self.ws.close(code=CLOSE_SLOW, message=b"too slow: send queue full"))
+        asyncio.ensure_future(self._close_now())
+
+    async def _close_now(self) -> None:
+        # the close frame cannot overtake the data already buffered for a client that does
+        # not read; give it a moment, then drop the connection
+        try:
+            await asyncio.wait_for(self.ws.close(code=CLOSE_SLOW, message=b"too slow: send queue full", drain=False), 2)
+        except (asyncio.TimeoutError, ConnectionError):
+            transport = self.ws._req.transport if self.ws._req is not None else None  # noqa: SLF001
+            if transport is not None:
+                # flush what is buffered (the close frame is last), then the socket closes;
+                # a client that never reads again is cut off later
+                transport.close()
+                asyncio.get_running_loop().call_later(30, transport.abort)
 
     async def _drain(self) -> None:
         while not self.closed:
             if not self.queue:
-                self.conflations = 0  # drained: the client is keeping up
+                if self.backlog() == 0:
+                    self.conflations = 0  # all sent: the client is keeping up
                 self._wake.clear()
                 await self._wake.wait()
                 continue

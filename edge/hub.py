@@ -78,6 +78,18 @@ class Subscription:
             self.deliver(batch, outgoing(batch))
 
 
+async def _stop_task(tail: StrategyTail | StockTail) -> None:
+    # redis-py can turn a cancelled blocking read into a ConnectionError, which the
+    # retry loop would swallow: the flag ends the loop whatever the read raised
+    tail.stopping = True
+    if tail.task:
+        tail.task.cancel()
+        try:
+            await asyncio.wait_for(tail.task, timeout=5)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass
+
+
 class StrategyTail:
     def __init__(self, hub: Hub, strategy: str):
         self.hub, self.strategy = hub, strategy
@@ -85,6 +97,7 @@ class StrategyTail:
         self.subs: set[Subscription] = set()
         self.epoch: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
 
     async def start(self) -> None:
         await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="$")
@@ -93,18 +106,13 @@ class StrategyTail:
         log.info("tail started", extra={"strategy": self.strategy, "group": self.hub.group})
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        await _stop_task(self)
         log.info("tail stopped", extra={"strategy": self.strategy})
 
     async def _run(self) -> None:
         backoff = 0.2
         last_lag = 0.0
-        while True:
+        while not self.stopping:
             try:
                 got = await groups.read_group(self.hub.client, self.hub.group, self.hub.consumer,
                                               {self.key: ">"}, count=1000, block_ms=1000)
@@ -129,6 +137,8 @@ class StrategyTail:
                 await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="0")
                 self.epoch = await self.hub.events.epoch(self.strategy)
             except StreamUnavailable as exc:
+                if self.stopping:
+                    return
                 log.warning("redis unavailable; retrying", extra={"strategy": self.strategy, "error": str(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
@@ -154,21 +164,17 @@ class StockTail:
         self.key = hub.keys.topic_partition("ticks", partition)
         self.subs: dict[str, set[Subscription]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"stock-tail-{self.partition}")
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        await _stop_task(self)
 
     async def _run(self) -> None:
         last = "$"
-        while True:
+        while not self.stopping:
             try:
                 with translated(f"tail {self.key}"):
                     reply = await self.hub.client.xread({self.key: last}, count=1000, block=1000)

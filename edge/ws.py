@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from typing import Any
 
@@ -209,6 +210,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except AuthError as exc:
                 auth_error = str(exc)
         await ws.prepare(request)
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.edge_socket_sndbuf)
         if auth_error is not None:
             _refuse("auth")
             log.info("auth refused", extra={"remote": address, "error": auth_error})

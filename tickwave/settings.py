@@ -130,6 +130,9 @@ class EdgeSettings(CommonSettings):
     edge_rate_burst: int = Field(40, ge=1, description="client messages allowed in a burst")
     edge_max_connections_per_ip: int = Field(200, ge=1, description="concurrent connections from one address")
     edge_send_queue_bytes: int = Field(1 << 20, ge=4096, description="per-connection send queue cap; past it prices conflate")
+    edge_socket_sndbuf: int = Field(
+        256 * 1024, ge=4096, description="kernel send buffer per WebSocket: bounds what hides from the queue's cap"
+    )
     edge_max_replay: int = Field(50_000, ge=1, description="resume replays at most this many events, else a snapshot")
     edge_ready_max_lag: int = Field(10_000, ge=0, description="/readyz fails when a tail is further behind than this")
     edge_allowed_origins: str = Field("", description="comma-separated Origin allow-list; empty allows any")

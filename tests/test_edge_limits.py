@@ -1,0 +1,227 @@
+"""Every refusal the edge makes has its documented answer; slow clients are conflated then closed."""
+
+import asyncio
+import time
+
+import aiohttp
+import jwt
+import pytest
+
+from streams.events import EventLog
+from tests.edge_harness import edge_settings, running_edge, ws_client
+from tests.factories import price_changes
+
+SECRET = "test-secret-with-enough-length-for-hs256"
+
+
+def token(strategies, *, secret=SECRET, exp_in=300):
+    return jwt.encode({"sub": "u1", "strategies": strategies, "exp": int(time.time()) + exp_in}, secret, "HS256")
+
+
+@pytest.fixture
+async def edge(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys, edge_max_frame_bytes=1024, edge_max_subscriptions=2,
+                                          edge_rate_per_s=5, edge_rate_burst=10)) as base:
+        yield base
+
+
+async def test_a_frame_over_the_size_cap_is_closed_with_1009(edge):
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send('{"type":"ping","pad":"' + "x" * 2000 + '"}')
+        assert await c.closed() == 1009
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [("{not json", "bad_json"), ('{"type":"launch"}', "unknown_type"),
+     ('{"type":"subscribe","subscription_type":"fund","target":"x"}', "bad_message"),
+     ('{"type":"subscribe","subscription_type":"stock","target":"999999"}', "bad_message"),
+     ('{"type":"subscribe","target":"bad{name}"}', "bad_message")],
+)
+async def test_a_bad_frame_gets_an_error_and_the_connection_stays_open(edge, frame, code):
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send(frame)
+        err = await c.next()
+        assert err["type"] == "error" and err["code"] == code and err["error"]
+        await c.send('{"type":"ping"}')
+        assert (await c.next())["type"] == "pong"
+
+
+async def test_a_bad_frame_never_closes_other_clients(edge):
+    async with ws_client(edge) as good, ws_client(edge) as bad:
+        await good.next()
+        await bad.next()
+        await bad.send("\x00\x01garbage")
+        assert (await bad.next())["type"] == "error"
+        await good.send('{"type":"ping"}')
+        assert (await good.next())["type"] == "pong"
+
+
+async def test_too_many_subscriptions_is_an_error_then_4029(edge):
+    async with ws_client(edge) as c:
+        await c.next()
+        for name in ("a1", "a2"):
+            await c.send({"type": "subscribe", "target": name})
+            await c.next(type="subscribed")
+        await c.send({"type": "subscribe", "target": "a3"})
+        err = await c.next(type="error")
+        assert err["code"] == "too_many_subscriptions"
+        assert await c.closed() == 4029
+
+
+async def test_too_many_messages_per_second_is_an_error_then_4029(edge):
+    async with ws_client(edge) as c:
+        await c.next()
+        for _ in range(30):
+            await c.send('{"type":"ping"}')
+        assert await c.closed() == 4029
+        assert any(f["type"] == "error" and f["code"] == "rate_limited" for f in c.frames)
+
+
+async def test_missing_or_bad_token_closes_4001(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys, edge_jwt_secret=SECRET)) as base:
+        for query in ("", "?token=not-a-jwt", f"?token={token(['*'], secret='another-secret-of-enough-length-for-hs256')}",
+                      f"?token={token(['*'], exp_in=-10)}"):
+            async with ws_client(base, "/ws" + query) as c:
+                assert await c.closed() == 4001
+                assert c.frames and c.frames[0]["type"] == "error"
+
+
+async def test_a_token_allows_only_its_strategies(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys, edge_jwt_secret=SECRET)) as base:
+        headers = {"Authorization": f"Bearer {token(['volume_wave'])}"}
+        async with ws_client(base, headers=headers) as c:
+            assert (await c.next())["type"] == "connected"
+            await c.send({"type": "subscribe", "target": "volume_wave"})
+            assert (await c.next(type="subscribed"))["target"] == "volume_wave"
+            await c.send({"type": "subscribe", "target": "breakout", "id": 7})
+            err = await c.next(type="error")
+            assert err["code"] == 403 and err["id"] == 7
+        async with ws_client(base, f"/ws?token={token('*')}") as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "breakout"})
+            assert (await c.next(type="subscribed"))["target"] == "breakout"
+
+
+async def test_origin_not_allowed_is_refused(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys, edge_allowed_origins="https://app.example")) as base:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await s.ws_connect(base + "/ws", origin="https://evil.example")
+            assert info.value.status == 403
+            async with s.ws_connect(base + "/ws", origin="https://app.example") as ws:
+                assert (await ws.receive_json())["type"] == "connected"
+
+
+async def test_connections_per_address_are_capped(redis_url, keys, redis):
+    async with running_edge(edge_settings(redis_url, keys, edge_max_connections_per_ip=2)) as base:
+        async with ws_client(base) as a, ws_client(base) as b:
+            await a.next()
+            await b.next()
+            async with aiohttp.ClientSession() as s:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                    await s.ws_connect(base + "/ws")
+                assert info.value.status == 429
+        async with ws_client(base) as c:  # freed again once they left
+            assert (await c.next())["type"] == "connected"
+
+
+class RawSlowClient:
+    """A WebSocket client on a bare socket with a tiny receive buffer that stops reading."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+    async def connect_and_subscribe(self, target: str) -> None:
+        import base64
+        import os
+        import socket
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", self.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        await loop.sock_sendall(sock, (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)
+        assert b" 101 " in head
+        payload = ('{"type":"subscribe","target":"%s"}' % target).encode()
+        mask = os.urandom(4)
+        frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await loop.sock_sendall(sock, frame)
+        self.sock = sock  # and never read again
+
+    async def close_code(self) -> int | None:
+        """Read everything now (the server runs on this loop: never block it); the close code sent."""
+        import struct
+
+        loop = asyncio.get_running_loop()
+        data = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), 5)
+                if not chunk:
+                    break
+                data += chunk
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.sock.close()
+        i, code = 0, None
+        while i + 2 <= len(data):  # walk the server's (unmasked) frames
+            opcode, n = data[i] & 0x0F, data[i + 1] & 0x7F
+            i += 2
+            if n == 126:
+                n = struct.unpack(">H", data[i:i + 2])[0]
+                i += 2
+            elif n == 127:
+                n = struct.unpack(">Q", data[i:i + 8])[0]
+                i += 8
+            if opcode == 0x8 and n >= 2:
+                code = struct.unpack(">H", data[i:i + 2])[0]
+            i += n
+        return code
+
+
+async def test_a_slow_client_is_conflated_then_closed_while_a_fast_one_keeps_its_latency(redis_url, keys, redis):
+    from edge import metrics
+
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(3))
+    conflations_before = metrics.CONFLATIONS._value.get()
+    closes_before = metrics.SLOW_CLOSES._value.get()
+    settings = edge_settings(redis_url, keys, edge_send_queue_bytes=65536, edge_socket_sndbuf=8192)
+    async with running_edge(settings) as base:
+        slow = RawSlowClient(settings.edge_port)
+        await slow.connect_and_subscribe("volume_wave")
+        async with ws_client(base) as fast:
+            await fast.next()
+            await fast.send({"type": "subscribe", "target": "volume_wave"})
+            await fast.next(type="price_update")
+            latencies, offset = [], 1000
+            for _ in range(300):
+                ids = await log.append_events("volume_wave", price_changes(200, start=offset))
+                offset += 200
+                t = time.monotonic()
+                await _wait_for_id(fast, ids[-1])
+                latencies.append(time.monotonic() - t)
+                if metrics.SLOW_CLOSES._value.get() > closes_before:
+                    break
+            latencies.sort()
+            p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+            assert metrics.SLOW_CLOSES._value.get() > closes_before, "the slow client was never closed"
+            assert p99 < 0.5, f"the fast client's p99 was {p99:.3f}s while a slow one lagged"
+        assert metrics.CONFLATIONS._value.get() > conflations_before
+        assert await slow.close_code() == 4008
+
+
+async def _wait_for_id(client, event_id):
+    while event_id not in client.event_ids():
+        await client.next(timeout=5)

@@ -35,8 +35,9 @@ def _register() -> None:
     from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_edge import edge
     from tickwave.cmd_ingest import ingest
+    from tickwave.cmd_run import run
 
-    for command in (db, archive, events, ingest, edge):
+    for command in (run, db, archive, events, ingest, edge):
         main.add_command(command)
 
 

@@ -46,5 +46,5 @@ def setup_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiohttp.access", "asyncio", "faust", "mode"):
+    for noisy in ("aiohttp.access", "asyncio", "faust", "mode", "pgserver"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

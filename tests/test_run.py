@@ -1,0 +1,37 @@
+"""The README's run command: the whole pipeline in one process."""
+
+import os
+import re
+import subprocess
+import sys
+
+import aiohttp
+
+from tickwave.servers import free_port
+
+
+async def test_tickwave_run_moves_ticks_events_and_archive_and_serves_the_page(redis_url, pg_url, keys, redis):
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": pg_url, "TICKWAVE_KEY_PREFIX": keys.prefix}
+    proc = subprocess.Popen([sys.executable, "-m", "tickwave", "run", "--duration", "5", "--port", str(port),
+                             "--interval", "0.2", "--rate", "50"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in first
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/") as r:
+                assert r.status == 200 and "tickwave" in await r.text()
+            async with s.ws_connect(f"http://127.0.0.1:{port}/ws/stock/prices") as ws:
+                assert (await ws.receive_json())["type"] == "connected"
+                await ws.send_json({"type": "subscribe", "subscription_type": "strategy", "target": "volume_wave"})
+                assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    ticks, events, archived = map(int, re.search(r"stopped: (\d+) ticks, (\d+) events, (\d+) archived", out).groups())
+    assert ticks > 0 and events > 0 and archived > 0

@@ -16,7 +16,10 @@ log = logging.getLogger("tickwave.ingest")
 
 
 @click.command()
-@click.option("--source", "source_name", type=click.Choice(["sim", "file"]), default="sim", show_default=True)
+@click.option("--source", "source_name", type=click.Choice(["sim", "file", "tushare"]), default="sim",
+              show_default=True)
+@click.option("--codes", default=None, help="comma-separated ts_codes for --source tushare "
+              "(default TICKWAVE_TUSHARE_CODES)")
 @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV or Parquet of ticks (--source file)")
 @click.option("--speed", type=float, default=0.0, show_default=True,
@@ -25,7 +28,7 @@ log = logging.getLogger("tickwave.ingest")
 @click.option("--interval", type=float, default=3.0, show_default=True, help="simulator seconds between snapshots")
 @click.option("--ignore-clock", is_flag=True, help="simulate outside trading hours too (demos)")
 @click.option("--seed", type=int, default=None, help="simulator random seed")
-def ingest(source_name: str, path: Path | None, speed: float, stocks: int, interval: float,
+def ingest(source_name: str, codes: str | None, path: Path | None, speed: float, stocks: int, interval: float,
            ignore_clock: bool, seed: int | None) -> None:
     """Append ticks from a source to the ticks topic until it ends or SIGINT/SIGTERM."""
     from agents.ingest import run_ingest, summary
@@ -41,7 +44,15 @@ def ingest(source_name: str, path: Path | None, speed: float, stocks: int, inter
         raise click.UsageError("REDIS_URL is not set")
     redis_url = s.redis_url
     source: Source
-    if source_name == "file":
+    if source_name == "tushare":
+        from agents.sources.tushare import TushareConfigError, TushareSource
+
+        try:
+            source = TushareSource([c for c in (codes or s.tushare_codes).split(",") if c.strip()],
+                                   token=s.tushare_token, interval=s.tushare_interval)
+        except (TushareConfigError, ValueError) as exc:
+            raise click.UsageError(str(exc)) from None
+    elif source_name == "file":
         if path is None:
             raise click.UsageError("--source file needs --file PATH")
         source = FileReplay(path, speed=speed)

@@ -71,8 +71,8 @@ async def run_pipeline(settings: EdgeSettings, options: RunOptions, stop: asynci
         settings = settings.model_copy(update={"redis_url": redis_url, "database_url": database_url})
         await _run(settings, options, stop, counts)
     finally:
-        for server in reversed(embedded):
-            await asyncio.to_thread(server.stop)
+        for running in reversed(embedded):
+            await asyncio.to_thread(running.stop)
     return counts
 
 

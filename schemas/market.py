@@ -106,6 +106,7 @@ class LimitBand:
         return self.low <= price <= self.high
 
 
+@lru_cache(maxsize=65536)
 def limit_band(ts_code: str, name: str | None, pre_close: float, trade_date: date) -> LimitBand:
     """Limit-down and limit-up prices, each rounded half-up to the fen."""
     if pre_close <= 0:

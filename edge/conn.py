@@ -59,6 +59,17 @@ class Sender:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the socket is going away
                 pass
 
+    async def wait_room(self, size: int, timeout: float = 10.0) -> bool:
+        """Wait until `size` more bytes fit under the cap (replays must never be conflated);
+        False, and the client closed 4008, if it cannot take them within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not self.closed and self.backlog() + size > self.cap_bytes and self.backlog() > 0:
+            if time.monotonic() > deadline:
+                self._close_slow()
+                return False
+            await asyncio.sleep(0.002)
+        return not self.closed
+
     async def flush(self, timeout: float = 1.0) -> None:
         """Give the writer up to `timeout` to send what is queued (before a deliberate close)."""
         deadline = time.monotonic() + timeout
@@ -74,12 +85,12 @@ class Sender:
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         return self.queued_bytes + buffered
 
-    def put(self, item: Outgoing) -> None:
+    def put(self, item: Outgoing, *, may_conflate: bool = True) -> None:
         if self.closed:
             return
         self.queue.append(item)
         self.queued_bytes += len(item.text)
-        if self.backlog() > self.cap_bytes:
+        if may_conflate and self.backlog() > self.cap_bytes:
             self._conflate()
         self._wake.set()
 
@@ -90,7 +101,7 @@ class Sender:
         ingest: dict[str, float | None] = {}
         kept: deque[Outgoing] = deque()
         for item in self.queue:
-            if item.prices is None:
+            if item.prices is None or item.kind == "replay":
                 kept.append(item)
                 continue
             target, epoch, rows = item.prices

@@ -138,7 +138,11 @@ class Session:
                     batch, _ = batch_of(target, got.epoch, got.events[start:start + 500])
                     if batch is not None:
                         for item in outgoing(batch):
-                            self.sender.put(item)
+                            # backpressure, not conflation: a replay must arrive whole
+                            if not await self.sender.wait_room(len(item.text)):
+                                return
+                            item.kind = "replay" if item.kind == "price_update" else item.kind
+                            self.sender.put(item, may_conflate=False)
                 sub.go_live(parse_id(last))
                 return
             metrics.RESUMES.labels("false").inc()

@@ -250,3 +250,19 @@ async def test_killing_an_edge_node_and_reconnecting_to_another_loses_nothing(re
                 node.kill()
     start = feeder.ids.index(seen[0])
     assert seen == feeder.ids[start:start + len(seen)]
+
+
+async def test_a_replay_larger_than_the_send_queue_arrives_whole(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    first = await log.append_events("volume_wave", price_changes(1))
+    ids = []
+    for start in range(1, 3001, 500):
+        ids += await log.append_events("volume_wave", price_changes(500, start=start))
+    # 3,000 events are several times this queue: they must come by backpressure, not conflation
+    async with running_edge(edge_settings(redis_url, keys, edge_send_queue_bytes=65536)) as base:
+        async with ws_client(base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "volume_wave", "last_event_id": first[0]})
+            assert (await c.next(type="subscribed"))["replayed"] == 3000
+            await collect_until(c, lambda: len(c.event_ids()) >= 3000)
+            assert c.event_ids() == ids

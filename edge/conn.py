@@ -45,6 +45,7 @@ class Sender:
     conflations: int = 0
     closed: bool = False
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _sent: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -67,7 +68,12 @@ class Sender:
             if time.monotonic() > deadline:
                 self._close_slow()
                 return False
-            await asyncio.sleep(0.002)
+            self._sent.clear()
+            try:
+                # woken by the writer after each send; the transport may drain without one
+                await asyncio.wait_for(self._sent.wait(), 0.005)
+            except asyncio.TimeoutError:
+                pass
         return not self.closed
 
     async def flush(self, timeout: float = 1.0) -> None:
@@ -154,6 +160,7 @@ class Sender:
             item = self.queue.popleft()
             self.queued_bytes -= len(item.text)
             await self.ws.send_str(item.text)
+            self._sent.set()
             metrics.MESSAGES_SENT.labels(item.kind).inc()
             metrics.BYTES_SENT.inc(len(item.text))
             if item.ingest_ms is not None:

@@ -7,7 +7,7 @@ old client's `price_update` rows. Field names match schemas.messages.PriceItem
 
 from __future__ import annotations
 
-import json
+import orjson
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +55,9 @@ def _ingest_ms(doc: dict[str, Any]) -> float | None:
         return None
 
 
-def batch_of(target: str, epoch: str | None, events: Iterable[StoredEvent]) -> tuple[Batch | None, int]:
+def batch_of(
+    target: str, epoch: str | None, events: Iterable[StoredEvent], *, latency: bool = True
+) -> tuple[Batch | None, int]:
     """A Batch from stored events; returns it and how many entries were unreadable (skipped)."""
     ids, prices, signals = [], [], []
     oldest: float | None = None
@@ -63,16 +65,16 @@ def batch_of(target: str, epoch: str | None, events: Iterable[StoredEvent]) -> t
     for stored in events:
         try:
             fields = stored.fields
-            doc = json.loads(fields[b"e"])
+            doc = orjson.loads(fields[b"e"])
             if fields[b"y"] == b"price":
                 prices.append(price_item(stored.id, doc))
-                ms = _ingest_ms(doc)
+                ms = _ingest_ms(doc) if latency else None
                 if ms is not None and (oldest is None or ms < oldest):
                     oldest = ms
             else:
                 signals.append((stored.id, doc))
             ids.append(stored.id)
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError):  # orjson.JSONDecodeError is a ValueError
             bad += 1
     if not ids:
         return None, bad
@@ -80,28 +82,14 @@ def batch_of(target: str, epoch: str | None, events: Iterable[StoredEvent]) -> t
 
 
 def price_update(target: str, epoch: str | None, rows: list[dict[str, Any]], *, snapshot: bool = False) -> str:
-    return json.dumps({
+    return orjson.dumps({
         "type": "price_update", "data": rows, "count": len(rows), "target": target,
         "event_id": rows[-1]["event_id"] if rows else None, "epoch": epoch, "snapshot": snapshot,
-    }, ensure_ascii=False, separators=(",", ":"))
+    }).decode()
 
 
 def signal_update(target: str, event_id: str, change: dict[str, Any]) -> str:
-    return json.dumps({
+    return orjson.dumps({
         "type": "signal_update", "action": change["action"], "data": [change["signal"]], "count": 1,
         "target": target, "event_id": event_id,
-    }, ensure_ascii=False, separators=(",", ":"))
-
-
-def render(batch: Batch, after_id: tuple[int, int] | None = None) -> list[str]:
-    """Frames for a batch: one price_update, then each signal_update; ids <= after_id dropped."""
-    from streams.events import parse_id
-
-    rows = list(batch.prices)
-    signals = list(batch.signals)
-    if after_id is not None:
-        rows = [r for r in rows if parse_id(r["event_id"]) > after_id]
-        signals = [(i, s) for i, s in signals if parse_id(i) > after_id]
-    frames = [price_update(batch.target, batch.epoch, rows)] if rows else []
-    frames += [signal_update(batch.target, i, s) for i, s in signals]
-    return frames
+    }).decode()

@@ -135,7 +135,7 @@ class Session:
                 from edge.frames import batch_of
 
                 for start in range(0, len(got.events), 500):
-                    batch, _ = batch_of(target, got.epoch, got.events[start:start + 500])
+                    batch, _ = batch_of(target, got.epoch, got.events[start:start + 500], latency=False)
                     if batch is not None:
                         for item in outgoing(batch):
                             # backpressure, not conflation: a replay must arrive whole

@@ -313,8 +313,8 @@ async def fanout_socketio(url: str, n: int, seconds: float, per_batch: int, ever
     return tally.events / (seconds + 2), tally, sent
 
 
-async def fanout(url: str, n: int, seconds: float) -> None:
-    per_batch, every = 10, 0.05  # 200 events/s into the stream, n deliveries each
+async def fanout(url: str, n: int, seconds: float, per_batch: int) -> None:
+    every = 0.05  # a batch every 50 ms: per_batch * 20 events/s into the stream, n deliveries each
     ours, t_ours, sent = await fanout_ours(url, n, seconds, per_batch, every)
     base, t_base, _ = await fanout_socketio(url, n, seconds, per_batch, every)
     print(line(f"(a) fan-out, {n:,} clients, {sent / seconds:.0f} ev/s in", ours, "ev/s delivered", base,
@@ -333,7 +333,7 @@ async def main(args: argparse.Namespace) -> None:
         if args.what in ("idle", "all"):
             await idle(url, args.idle)
         if args.what in ("fanout", "all"):
-            await fanout(url, args.clients, args.seconds)
+            await fanout(url, args.clients, args.seconds, args.per_batch)
 
 
 if __name__ == "__main__":
@@ -342,4 +342,5 @@ if __name__ == "__main__":
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--idle", type=int, default=10_000)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--per-batch", type=int, default=25, help="events per 50 ms batch in (a)")
     asyncio.run(main(p.parse_args()))

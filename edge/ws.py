@@ -82,7 +82,8 @@ class Session:
                 return msg.target, parse_ts_code(msg.target)
             except InvalidCode as exc:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), {"field": "target"}, msg.id) from None
-        target = "market" if msg.subscription_type == "market" and not msg.target else msg.target
+        # the market summary is one stream under the reserved strategy name `market`
+        target = "market" if msg.subscription_type == "market" else msg.target
         try:
             check_name(target, "strategy")
         except ValueError as exc:

@@ -266,3 +266,45 @@ async def test_a_replay_larger_than_the_send_queue_arrives_whole(redis_url, keys
             assert (await c.next(type="subscribed"))["replayed"] == 3000
             await collect_until(c, lambda: len(c.event_ids()) >= 3000)
             assert c.event_ids() == ids
+
+
+async def test_market_subscriptions_are_served_from_the_market_stream(edge, redis, keys):
+    log = EventLog(redis, keys)
+    await log.append_events("market", price_changes(3, "market"))
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send({"type": "subscribe", "subscription_type": "market", "target": "all"})
+        assert (await c.next(type="subscribed"))["target"] == "market"
+        assert (await c.next(type="price_update"))["count"] == 3
+
+
+async def test_a_restarted_node_resumes_its_consumer_group_where_it_stopped(redis_url, keys, redis):
+    from edge import metrics
+
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(1))
+    settings = edge_settings(redis_url, keys, edge_node="steady-node")
+    async with running_edge(settings) as base:
+        async with ws_client(base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "volume_wave"})
+            await c.next(type="price_update")
+            seen = await log.append_events("volume_wave", price_changes(5, start=1))
+            await collect_until(c, lambda: c.event_ids() == seen)
+    missed = await log.append_events("volume_wave", price_changes(7, start=6))  # while the node is down
+    read_before = metrics.EVENTS_READ.labels("volume_wave")._value.get()
+    async with running_edge(settings.model_copy(update={"edge_port": settings.edge_port})) as base:
+        async with ws_client(base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "target": "volume_wave", "last_event_id": seen[-1]})
+            assert (await c.next(type="subscribed"))["replayed"] == 7
+            await collect_until(c, lambda: c.event_ids() == missed)
+            groups = {g["name"]: g for g in await redis.xinfo_groups(keys.events("volume_wave"))}
+            deadline = asyncio.get_running_loop().time() + 5
+            while groups[b"edge:steady-node"]["last-delivered-id"].decode() != missed[-1]:
+                assert asyncio.get_running_loop().time() < deadline, "group did not catch up"
+                await asyncio.sleep(0.05)
+                groups = {g["name"]: g for g in await redis.xinfo_groups(keys.events("volume_wave"))}
+    # the same group went on from where it stopped: it read the 7 missed events, not the 6 before
+    assert metrics.EVENTS_READ.labels("volume_wave")._value.get() - read_before == 7
+    assert set(groups) == {b"edge:steady-node"}

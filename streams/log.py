@@ -14,6 +14,8 @@ from streams.codec import (
     id_to_offset,
     offset_to_id,
 )
+from redis.asyncio.cluster import RedisCluster
+
 from streams.connection import AnyRedis
 from streams.errors import CorruptEntry, translated
 from streams.keys import Keys
@@ -59,6 +61,11 @@ class PartitionLog:
         parts = [p for p, recs in batches.items() if recs]
         if not parts:
             return {}
+        if isinstance(self.client, RedisCluster):
+            # redis-py refuses scripts in cluster pipelines, and concurrent first calls on a
+            # fresh cluster client were seen to run a script twice (its retry after an
+            # internal re-initialisation): one partition after another instead
+            return {p: await self.append(p, batches[p]) for p in parts}
         pipe = self.client.pipeline(transaction=False)
         for p in parts:
             keys = [self.stream_key(p), self.keys.topic_sequence(self.topic, p)]

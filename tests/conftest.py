@@ -124,3 +124,16 @@ async def any_redis(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
         if found:
             await client.delete(*found)
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A real three-master Redis Cluster started for the session."""
+    found = servers.redis_binaries()
+    if "path" not in found:
+        pytest.skip("no redis-server on PATH to build a cluster from")
+    cluster = servers.EmbeddedCluster(found["path"]).start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()

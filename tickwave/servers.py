@@ -211,3 +211,49 @@ def docker_engine_answers(timeout: float = 2.0) -> bool:
             return b" 200 " in sock.recv(256)
     except OSError:
         return False
+
+
+@dataclass
+class EmbeddedCluster:
+    """A three-master Redis Cluster on free ports (no replicas), for cluster tests."""
+
+    binary: str
+    nodes: list[EmbeddedRedis] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self, size: int = 3) -> EmbeddedCluster:
+        cli = shutil.which("redis-cli") or str(Path(self.binary).with_name("redis-cli"))
+        for _ in range(size):
+            port = free_port()
+            while port > 55_000:  # the cluster bus listens on port + 10000
+                port = free_port()
+            node = EmbeddedRedis(self.binary, port=port)
+            node.workdir = tempfile.mkdtemp(prefix="tickwave-cluster-")
+            node.proc = subprocess.Popen(
+                [self.binary, "--port", str(node.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"{node.workdir}/nodes.conf", "--save", "", "--appendonly", "no",
+                 "--dir", node.workdir, "--protected-mode", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            _wait_port(node.port, 10, node.proc)
+            self.nodes.append(node)
+        subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            info = subprocess.run([cli, "-p", str(self.nodes[0].port), "cluster", "info"],
+                                  capture_output=True, text=True).stdout
+            if "cluster_state:ok" in info:
+                return self
+            time.sleep(0.2)
+        raise EmbeddedServerError("cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -6,34 +6,38 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from streams.keys import Keys
 from tickwave import servers
 
 
-@contextlib.contextmanager
-def redis_url() -> Iterator[str]:
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = servers.start_redis()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+def redis_url() -> contextlib.AbstractContextManager[str]:
+    return servers.url_or_embedded(os.environ.get("REDIS_URL"), servers.start_redis)
 
 
-@contextlib.contextmanager
-def database_url() -> Iterator[str]:
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-        return
-    server = servers.start_postgres()
+def database_url() -> contextlib.AbstractContextManager[str]:
+    return servers.url_or_embedded(os.environ.get("DATABASE_URL"), servers.start_postgres)
+
+
+@contextlib.asynccontextmanager
+async def scratch_schema(database_url: str) -> AsyncIterator[str]:
+    """A DSN into a fresh schema with the migrations applied, dropped afterwards."""
+    import asyncpg
+
+    from agents.db import upgrade
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in database_url else "?"
+    dsn = f"{database_url}{sep}search_path={schema}"
     try:
-        yield server.url
+        await upgrade(dsn)
+        yield dsn
     finally:
-        server.stop()
+        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await admin.close()
 
 
 def fresh_keys() -> Keys:

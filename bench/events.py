@@ -12,17 +12,14 @@ import argparse
 import asyncio
 import statistics
 import time
-import uuid
-
-import asyncpg
 
 from agents.archive_store import ArchiveStore, row_from_fields
 from agents.archiver import Archiver
-from agents.db import create_pool, upgrade
+from agents.db import create_pool
 from agents.generator import PriceWalk
 from agents.history import history
 from agents.universe import pick
-from bench._common import Timer, database_url, drop_prefix, fresh_keys, line, redis_url
+from bench._common import Timer, database_url, drop_prefix, fresh_keys, line, redis_url, scratch_schema
 from streams.codec import encode_event
 from streams.connection import connect
 from streams.events import EventLog
@@ -58,86 +55,73 @@ async def bench_append(url: str, n: int) -> tuple[float, float]:
 
 
 async def bench_archive(rurl: str, purl: str, n: int) -> tuple[float, float]:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(purl)
-    await admin.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in purl else "?"
-    dsn = f"{purl}{sep}search_path={schema}"
     client = connect(rurl)
     keys = fresh_keys()
     try:
-        await upgrade(dsn)
-        pool = await create_pool(dsn)
-        log = EventLog(client, keys)
-        events = make_events(n)
-        for i in range(0, n, 1000):
-            await log.append_events("bench", events[i:i + 1000])
-        epoch = await log.epoch("bench") or "e"
-        raw = await client.xrange(keys.events("bench"))
-        rows = [row_from_fields("bench", epoch, eid.decode(), "600519.SH", f) for eid, f in raw]
-        # baseline: a bare COPY of the same rows into an identical table, no staging, no dedup
-        async with pool.acquire() as conn:
-            await conn.execute("CREATE TABLE bare (LIKE event_archive INCLUDING ALL)")
-            with Timer() as bare:
-                for i in range(0, n, 2000):
-                    await conn.copy_records_to_table(
-                        "bare", records=rows[i:i + 2000],
-                        columns=("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event"))
-        stop = asyncio.Event()
-        archiver = Archiver(client, keys, ArchiveStore(pool), consumer="bench", batch=2000, refresh_s=0.05)
+        async with scratch_schema(purl) as dsn:
+            pool = await create_pool(dsn)
+            log = EventLog(client, keys)
+            events = make_events(n)
+            for i in range(0, n, 1000):
+                await log.append_events("bench", events[i:i + 1000])
+            epoch = await log.epoch("bench") or "e"
+            raw = await client.xrange(keys.events("bench"))
+            rows = [row_from_fields("bench", epoch, eid.decode(), "600519.SH", f) for eid, f in raw]
+            # baseline: a bare COPY of the same rows into an identical table, no staging, no dedup
+            async with pool.acquire() as conn:
+                await conn.execute("CREATE TABLE bare (LIKE event_archive INCLUDING ALL)")
+                with Timer() as bare:
+                    for i in range(0, n, 2000):
+                        await conn.copy_records_to_table(
+                            "bare", records=rows[i:i + 2000],
+                            columns=("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event"))
+            stop = asyncio.Event()
+            archiver = Archiver(client, keys, ArchiveStore(pool), consumer="bench", batch=2000, refresh_s=0.05)
 
-        def progress(stats) -> None:  # type: ignore[no-untyped-def]
-            if stats.archived >= n:
-                stop.set()
+            def progress(stats) -> None:  # type: ignore[no-untyped-def]
+                if stats.archived >= n:
+                    stop.set()
 
-        archiver.on_progress = progress
-        with Timer() as ours:
-            await archiver.run(stop)
-        await pool.close()
-        return n / ours.seconds, n / bare.seconds
+            archiver.on_progress = progress
+            with Timer() as ours:
+                await archiver.run(stop)
+            await pool.close()
+            return n / ours.seconds, n / bare.seconds
     finally:
-        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await admin.close()
         await drop_prefix(client, keys)
         await client.aclose()
 
 
 async def bench_history(rurl: str, purl: str) -> tuple[float, float, int]:
     """ms for 10,000 events of which about half come from the archive, half from Redis."""
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(purl)
-    await admin.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in purl else "?"
-    dsn = f"{purl}{sep}search_path={schema}"
     client = connect(rurl)
     keys = fresh_keys()
     try:
-        await upgrade(dsn)
-        pool = await create_pool(dsn)
-        store = ArchiveStore(pool)
-        log = EventLog(client, keys, maxlen=5000)
-        events = make_events(20_000)
-        ids: list[str] = []
-        for i in range(0, len(events), 1000):
-            ids += await log.append_events("bench", events[i:i + 1000])
-            await store.write("bench", await log.epoch("bench") or "", await log.read_after("bench", ids[-1001] if len(ids) > 1000 else None))
-        first_kept = await log.first_id("bench")
-        boundary = ids.index(first_kept)  # type: ignore[arg-type]
-        after = ids[max(0, boundary - 5000) - 1]
-        samples, redis_only = [], []
-        for _ in range(7):
-            t = time.perf_counter()
-            got = await history(log, store, "bench", epoch=None, after_id=after, limit=10_000)
-            samples.append((time.perf_counter() - t) * 1000)
-            assert got.covered and len(got.events) == 10_000
-            t = time.perf_counter()
-            await log.read_after("bench", first_kept, count=10_000)
-            redis_only.append((time.perf_counter() - t) * 1000)
-        await pool.close()
-        return statistics.median(samples), statistics.median(redis_only), len(ids) - boundary
+        async with scratch_schema(purl) as dsn:
+            pool = await create_pool(dsn)
+            store = ArchiveStore(pool)
+            log = EventLog(client, keys, maxlen=5000)
+            events = make_events(20_000)
+            ids: list[str] = []
+            for i in range(0, len(events), 1000):
+                ids += await log.append_events("bench", events[i:i + 1000])
+                batch = await log.read_after("bench", ids[-1001] if len(ids) > 1000 else None)
+                await store.write("bench", await log.epoch("bench") or "", batch)
+            first_kept = await log.first_id("bench")
+            boundary = ids.index(first_kept)  # type: ignore[arg-type]
+            after = ids[max(0, boundary - 5000) - 1]
+            samples, redis_only = [], []
+            for _ in range(7):
+                t = time.perf_counter()
+                got = await history(log, store, "bench", epoch=None, after_id=after, limit=10_000)
+                samples.append((time.perf_counter() - t) * 1000)
+                assert got.covered and len(got.events) == 10_000
+                t = time.perf_counter()
+                await log.read_after("bench", first_kept, count=10_000)
+                redis_only.append((time.perf_counter() - t) * 1000)
+            await pool.close()
+            return statistics.median(samples), statistics.median(redis_only), len(ids) - boundary
     finally:
-        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await admin.close()
         await drop_prefix(client, keys)
         await client.aclose()
 

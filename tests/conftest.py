@@ -30,11 +30,8 @@ def redis_url() -> Iterator[str]:
             host = container.get_container_host_ip()
             yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
         return
-    server = servers.start_redis()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with servers.embedded(servers.start_redis) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +46,8 @@ def database_url() -> Iterator[str]:
         with PostgresContainer("postgres:16", driver=None) as container:
             yield container.get_connection_url()
         return
-    server = servers.start_postgres()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with servers.embedded(servers.start_postgres) as url:
+        yield url
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,3 +259,23 @@ class EmbeddedCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+@contextmanager
+def embedded(start: Callable[[], EmbeddedRedis | EmbeddedPostgres]) -> Iterator[str]:
+    """A server started for the block; its URL."""
+    server = start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def url_or_embedded(url: str | None, start: Callable[[], EmbeddedRedis | EmbeddedPostgres]) -> Iterator[str]:
+    """`url` when given, else a server started for the block."""
+    if url:
+        yield url
+        return
+    with embedded(start) as started:
+        yield started

@@ -225,3 +225,17 @@ async def test_a_slow_client_is_conflated_then_closed_while_a_fast_one_keeps_its
 async def _wait_for_id(client, event_id):
     while event_id not in client.event_ids():
         await client.next(timeout=5)
+
+
+async def test_bad_frames_are_logged_in_one_line_without_a_traceback(edge, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tickwave.edge")
+    async with ws_client(edge) as c:
+        await c.next()
+        for frame in ("{oops", '{"type":"warp"}', '{"type":"subscribe"}', "\x00"):
+            await c.send(frame)
+            assert (await c.next())["type"] == "error"
+    bad = [r for r in caplog.records if r.getMessage() == "bad frame"]
+    assert len(bad) == 4
+    assert all(r.exc_info is None and r.levelno == logging.INFO for r in caplog.records if r.name == "tickwave.edge")

@@ -7,13 +7,13 @@ cannot delay the others; a writer task per connection drains the queue.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from edge import metrics
@@ -40,6 +40,7 @@ class Sender:
     ws: web.WebSocketResponse
     client_id: str
     cap_bytes: int
+    transport: asyncio.Transport | None = None
     queue: deque[Outgoing] = field(default_factory=deque)
     queued_bytes: int = 0
     conflations: int = 0
@@ -83,12 +84,11 @@ class Sender:
             await asyncio.sleep(0.005)
 
     def send_json(self, kind: str, doc: dict[str, Any]) -> None:
-        self.put(Outgoing(json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str), kind))
+        self.put(Outgoing(orjson.dumps(doc, default=str).decode(), kind))
 
     def backlog(self) -> int:
         """Bytes not yet handed to the kernel: our queue plus the transport's write buffer."""
-        transport = self.ws._req.transport if self.ws._req is not None else None  # noqa: SLF001
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
         return self.queued_bytes + buffered
 
     def put(self, item: Outgoing, *, may_conflate: bool = True) -> None:
@@ -142,7 +142,7 @@ class Sender:
         try:
             await asyncio.wait_for(self.ws.close(code=CLOSE_SLOW, message=b"too slow: send queue full", drain=False), 2)
         except (asyncio.TimeoutError, ConnectionError):
-            transport = self.ws._req.transport if self.ws._req is not None else None  # noqa: SLF001
+            transport = self.transport
             if transport is not None:
                 # flush what is buffered (the close frame is last), then the socket closes;
                 # a client that never reads again is cut off later

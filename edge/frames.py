@@ -7,10 +7,12 @@ old client's `price_update` rows. Field names match schemas.messages.PriceItem
 
 from __future__ import annotations
 
-import orjson
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+import orjson
 
 from streams.events import StoredEvent
 
@@ -47,8 +49,6 @@ def price_item(event_id: str, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ingest_ms(doc: dict[str, Any]) -> float | None:
-    from datetime import datetime
-
     try:
         return datetime.fromisoformat(doc["ingest_time"]).timestamp() * 1000
     except (KeyError, ValueError, TypeError):

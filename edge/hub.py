@@ -18,6 +18,8 @@ import redis.exceptions as rex
 from edge import metrics
 from edge.conn import Outgoing, Sender
 from edge.frames import Batch, batch_of, price_update, signal_update
+from schemas.events import Tick
+from schemas.market import percent_change
 from streams import groups
 from streams.codec import CorruptEntry, decode_record
 from streams.connection import AnyRedis
@@ -196,9 +198,6 @@ class StockTail:
         subs = self.subs.get(code)
         if not subs or record.value is None:
             return
-        from schemas.events import Tick
-        from schemas.market import percent_change
-
         try:
             tick = Tick.model_validate_json(record.value)
         except ValueError:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import uuid
+from datetime import datetime
 from typing import Any
+
+import orjson
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -13,11 +17,11 @@ from agents.history import history
 from edge import metrics
 from edge.auth import OPEN, AuthError, Grant, token_from
 from edge.conn import Outgoing, Sender
-from edge.frames import price_item, price_update
+from edge.frames import batch_of, price_item, price_update
 from edge.hub import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
-from schemas.market import InvalidCode, parse_ts_code
+from schemas.market import SHANGHAI, InvalidCode, parse_ts_code
 from schemas.messages import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -27,7 +31,7 @@ from schemas.messages import (
     Unsubscribe,
     parse_client_message,
 )
-from streams.events import parse_id
+from streams.events import StoredEvent, parse_id
 from streams.keys import check_name
 
 log = logging.getLogger("tickwave.edge")
@@ -43,10 +47,13 @@ def _refuse(reason: str) -> None:
 class Session:
     """One connected client: its subscriptions and what it is allowed."""
 
-    def __init__(self, state: EdgeState, ws: web.WebSocketResponse, grant: Grant, client_id: str):
+    def __init__(
+        self, state: EdgeState, ws: web.WebSocketResponse, grant: Grant, client_id: str,
+        transport: asyncio.Transport | None,
+    ):
         self.state, self.ws, self.grant, self.client_id = state, ws, grant, client_id
         s = state.settings
-        self.sender = Sender(ws, client_id, s.edge_send_queue_bytes)
+        self.sender = Sender(ws, client_id, s.edge_send_queue_bytes, transport=transport)
         self.bucket = TokenBucket(s.edge_rate_per_s, s.edge_rate_burst)
         self.subs: dict[tuple[str, str], Subscription] = {}
 
@@ -133,8 +140,6 @@ class Session:
                     "type": "subscribed", "subscription_type": msg.subscription_type, "target": target,
                     "epoch": got.epoch, "event_id": last, "recovered": True, "replayed": len(got.events),
                     "id": msg.id})
-                from edge.frames import batch_of
-
                 for start in range(0, len(got.events), 500):
                     batch, _ = batch_of(target, got.epoch, got.events[start:start + 500], latency=False)
                     if batch is not None:
@@ -178,17 +183,11 @@ class Session:
         await self.sender.stop()
 
 
-def _doc(stored: Any) -> dict[str, Any]:
-    import json
-
-    return json.loads(stored.fields[b"e"])  # type: ignore[no-any-return]
+def _doc(stored: StoredEvent) -> dict[str, Any]:
+    return orjson.loads(stored.fields[b"e"])  # type: ignore[no-any-return]
 
 
 def _now() -> str:
-    from datetime import datetime
-
-    from schemas.market import SHANGHAI
-
     return datetime.now(SHANGHAI).isoformat()
 
 
@@ -225,7 +224,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await ws.close(code=CLOSE_AUTH, message=auth_error.encode()[:120])
             return ws
         client_id = uuid.uuid4().hex[:12]
-        session = Session(state, ws, grant, client_id)
+        session = Session(state, ws, grant, client_id, request.transport)  # type: ignore[arg-type]
         state.sessions.add(session)
         metrics.CONNECTIONS.inc()
         session.sender.start()

@@ -42,3 +42,9 @@ def price_changes(n: int, strategy: str = "volume_wave", *, partition: int = 0, 
 
 def signal_change(action: str = "add", strategy: str = "volume_wave", ts_code: str = "600519.SH") -> SignalChange:
     return SignalChange(action=action, signal=signal(strategy, ts_code))  # type: ignore[arg-type]
+
+
+def raw_tick(code="600519.SH", price=1510.0, seconds=0, volume=1000, pre_close=1500.0, name="贵州茅台") -> dict:
+    """A tick as a source hands it over: a plain dict, times as ISO text."""
+    return {"ts_code": code, "name": name, "time": (T0 + timedelta(seconds=seconds)).isoformat(),
+            "price": price, "pre_close": pre_close, "volume": volume}

@@ -84,7 +84,7 @@ async def test_old_client_strategy_subscription_gets_the_old_fields(edge, redis,
 
 async def test_old_client_stock_subscription_with_a_bare_code(edge, redis, keys):
     from agents.ingest import TickWriter
-    from tests.test_ingest import raw
+    from tests.factories import raw_tick as raw
 
     async with ws_client(edge) as c:
         await c.next()

@@ -19,12 +19,7 @@ from schemas.market import limit_band
 from streams.codec import decode_record
 from streams.log import PartitionLog
 from streams.partition import partition_for
-from tests.factories import T0
-
-
-def raw(code="600519.SH", price=1510.0, seconds=0, volume=1000, pre_close=1500.0, name="贵州茅台"):
-    return {"ts_code": code, "name": name, "time": (T0 + timedelta(seconds=seconds)).isoformat(),
-            "price": price, "pre_close": pre_close, "volume": volume}
+from tests.factories import T0, raw_tick as raw
 
 
 async def all_ticks(redis, keys, partitions=8):

@@ -7,6 +7,7 @@ anything, with a message naming the variable.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -98,7 +99,7 @@ class ArchiverSettings(CommonSettings):
 
     archive_group: str = Field("archiver", description="consumer group name on every strategy stream")
     archive_consumer: str = Field(
-        default_factory=lambda: __import__("socket").gethostname(),
+        default_factory=socket.gethostname,
         description="consumer name; stable across restarts so a restarted archiver re-reads its own pending",
     )
     archive_batch: int = Field(2000, ge=1, le=100_000, description="entries read per stream per round")
@@ -120,7 +121,7 @@ class EdgeSettings(CommonSettings):
     edge_host: str = Field("0.0.0.0", description="listen address")
     edge_port: int = Field(8000, ge=1, le=65535, description="listen port (WebSocket, API, /metrics)")
     edge_node: str = Field(
-        default_factory=lambda: __import__("socket").gethostname(),
+        default_factory=socket.gethostname,
         description="node name; its consumer group is edge:<node>, stable across restarts",
     )
     edge_heartbeat_s: float = Field(30.0, gt=0, description="server ping interval; no pong in half of it closes")

@@ -28,7 +28,6 @@ import aiohttp
 from agents.generator import PriceWalk
 from agents.universe import pick
 from bench._common import drop_prefix, fresh_keys, line, redis_url
-from schemas.market import SHANGHAI
 from streams.connection import connect
 from streams.events import EventLog
 from streams.keys import Keys

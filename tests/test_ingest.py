@@ -3,7 +3,6 @@
 import asyncio
 import csv
 import json
-from datetime import timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +15,6 @@ from agents.universe import UNIVERSE
 from agents.validate import Reject
 from schemas.events import Tick
 from schemas.market import limit_band
-from streams.codec import decode_record
 from streams.log import PartitionLog
 from streams.partition import partition_for
 from tests.factories import T0, raw_tick as raw

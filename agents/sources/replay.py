@@ -14,7 +14,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from agents.sources import RawTick
-from schemas.market import SHANGHAI
 
 COLUMNS = ("ts_code", "name", "time", "price", "pre_close", "open", "high", "low",
            "volume", "amount", "bid1", "ask1")

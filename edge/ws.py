@@ -159,8 +159,10 @@ class Session:
     async def _snapshot(self, sub: Subscription, msg: Subscribe, *, recovered_attempt: bool) -> None:
         st = self.state
         epoch = await st.events.epoch(sub.target)
-        snap = await st.events.snapshot(sub.target)
+        # the newest id first, then the snapshot: an event appended in between is then both
+        # in the snapshot and sent live (harmless), never in neither
         latest = await st.events.latest_id(sub.target)
+        snap = await st.events.snapshot(sub.target)
         rows = [price_item(s.id, _doc(s)) for s in snap]
         self.sender.send_json("subscribed", {
             "type": "subscribed", "subscription_type": msg.subscription_type, "target": sub.target,

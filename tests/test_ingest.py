@@ -3,6 +3,7 @@
 import asyncio
 import csv
 import json
+from datetime import timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,3 +168,35 @@ async def test_sigterm_flushes_and_stops_cleanly(redis, redis_url, keys, tmp_pat
     appended = int(line.split("appended=")[1].split()[0])
     # every tick the process counted as appended is in the stream: nothing half-written
     assert appended == len(await all_ticks(redis, keys)) and appended % 20 == 0
+
+
+async def test_replay_at_n_times_real_time_is_paced_by_tick_time(tmp_path):
+    import time as clock
+
+    rows = []
+    for i in range(21):  # ticks spread over 2 s of market time
+        r = raw(seconds=0, volume=1000 + i)
+        r["time"] = (T0 + timedelta(milliseconds=100 * i)).isoformat()
+        rows.append(r)
+    path = tmp_path / "paced.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    started = clock.monotonic()
+    fast = [t for b in [b async for b in FileReplay(path, batch=1).batches()] for t in b]
+    unpaced = clock.monotonic() - started
+    started = clock.monotonic()
+    paced = [t for b in [b async for b in FileReplay(path, speed=10, batch=1).batches()] for t in b]
+    elapsed = clock.monotonic() - started
+    assert len(paced) == len(fast) == 21
+    # 2 s of market time at 10x is at least 0.2 s of wall time; as fast as possible is not paced
+    assert elapsed >= 0.19 > unpaced
+
+
+def test_replay_reads_fractional_seconds_offsets_and_naive_beijing_times(tmp_path):
+    from agents.sources.replay import load_table
+
+    path = tmp_path / "times.csv"
+    path.write_text("ts_code,time,price\n600519.SH,2026-11-24 10:00:00.5,1500\n"
+                    "600519.SH,2026-11-24T02:00:01Z,1501\n600519.SH,2026-11-24T10:00:02+08:00,1502\n")
+    times = load_table(path)["time"].to_pylist()
+    assert [t.isoformat() for t in times] == [
+        "2026-11-24T02:00:00.500000+00:00", "2026-11-24T02:00:01+00:00", "2026-11-24T02:00:02+00:00"]

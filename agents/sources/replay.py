@@ -19,6 +19,14 @@ COLUMNS = ("ts_code", "name", "time", "price", "pre_close", "open", "high", "low
            "volume", "amount", "bid1", "ask1")
 
 
+def _parse_times(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """ISO-8601 text (fractional seconds, an offset or none) as timestamps; no offset means Beijing."""
+    try:
+        return column.cast(pa.timestamp("us", tz="UTC"))
+    except pa.ArrowInvalid:  # no offset in the text: Beijing wall-clock time
+        return pc.assume_timezone(column.cast(pa.timestamp("us")), timezone="Asia/Shanghai")
+
+
 def load_table(path: Path) -> pa.Table:
     """The file as an Arrow table sorted by time (stable, so equal times keep file order)."""
     if path.suffix.lower() in (".parquet", ".pq"):
@@ -30,8 +38,7 @@ def load_table(path: Path) -> pa.Table:
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
     if not pa.types.is_timestamp(table.schema.field("time").type):
-        table = table.set_column(table.column_names.index("time"), "time",
-                                 pc.strptime(table["time"], format="%Y-%m-%dT%H:%M:%S%z", unit="ms"))
+        table = table.set_column(table.column_names.index("time"), "time", _parse_times(table["time"]))
     return table.sort_by([("time", "ascending")])
 
 

@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from agents.sources import RawTick
+from schemas.market import SHANGHAI
 
 COLUMNS = ("ts_code", "name", "time", "price", "pre_close", "open", "high", "low",
            "volume", "amount", "bid1", "ask1")
@@ -23,8 +24,18 @@ def _parse_times(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """ISO-8601 text (fractional seconds, an offset or none) as timestamps; no offset means Beijing."""
     try:
         return column.cast(pa.timestamp("us", tz="UTC"))
-    except pa.ArrowInvalid:  # no offset in the text: Beijing wall-clock time
+    except pa.ArrowInvalid:
+        pass
+    try:  # no offset in any of the text: Beijing wall-clock time
         return pc.assume_timezone(column.cast(pa.timestamp("us")), timezone="Asia/Shanghai")
+    except pa.ArrowInvalid:
+        pass
+    # a mix of both: value by value (a file like this is rare, so slow is fine)
+    values = []
+    for text in column.to_pylist():
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        values.append(moment if moment.tzinfo else moment.replace(tzinfo=SHANGHAI))
+    return pa.chunked_array([pa.array(values, pa.timestamp("us", tz="UTC"))])
 
 
 def load_table(path: Path) -> pa.Table:

@@ -61,6 +61,17 @@ class Client:
             if type is None or doc["type"] == type:
                 return doc
 
+    async def drain(self, quiet: float = 0.3) -> None:
+        """Keep reading until nothing arrives for `quiet` seconds."""
+        while True:
+            try:
+                msg = await self.ws.receive(timeout=quiet)
+            except asyncio.TimeoutError:
+                return
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                return
+            self.frames.append(json.loads(msg.data))
+
     async def closed(self, timeout: float = 5.0) -> int | None:
         """Read until the server closes; returns the close code."""
         deadline = time.monotonic() + timeout

@@ -308,3 +308,27 @@ async def test_a_restarted_node_resumes_its_consumer_group_where_it_stopped(redi
     # the same group went on from where it stopped: it read the 7 missed events, not the 6 before
     assert metrics.EVENTS_READ.labels("volume_wave")._value.get() - read_before == 7
     assert set(groups) == {b"edge:steady-node"}
+
+
+async def test_events_both_replayed_and_read_live_are_sent_once(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(1))
+    settings = edge_settings(redis_url, keys, edge_node="overlap-node")
+    async with running_edge(settings) as base:
+        async with ws_client(base) as a:
+            await a.next()
+            await a.send({"type": "subscribe", "target": "volume_wave"})
+            await a.next(type="price_update")
+        await asyncio.sleep(0.1)  # A left: the tail stopped, its group stays behind
+        backlog = []
+        for start in range(1, 301, 50):  # the group's backlog, which the next resume also replays
+            backlog += await log.append_events("volume_wave", price_changes(50, start=start))
+        async with ws_client(base) as b:
+            await b.next()
+            first = await log.first_id("volume_wave")
+            await b.send({"type": "subscribe", "target": "volume_wave", "last_event_id": first})
+            assert (await b.next(type="subscribed"))["replayed"] == 300
+            live = await log.append_events("volume_wave", price_changes(5, start=301))
+            await collect_until(b, lambda: live[-1] in b.event_ids())
+            await b.drain()  # anything sent twice would arrive by now
+            assert b.event_ids() == backlog + live

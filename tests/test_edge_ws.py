@@ -3,6 +3,7 @@
 import asyncio
 import json
 import time
+from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -44,6 +45,16 @@ class Feeder:
             await self.task
         except asyncio.CancelledError:
             pass
+
+
+@asynccontextmanager
+async def live_subscriber(base, target="volume_wave"):
+    """A client subscribed to `target` whose snapshot has arrived: live from here on."""
+    async with ws_client(base) as c:
+        await c.next()
+        await c.send({"type": "subscribe", "target": target})
+        await c.next(type="price_update")
+        yield c
 
 
 async def collect_until(client, predicate, timeout=10.0):
@@ -285,15 +296,12 @@ async def test_a_restarted_node_resumes_its_consumer_group_where_it_stopped(redi
     await log.append_events("volume_wave", price_changes(1))
     settings = edge_settings(redis_url, keys, edge_node="steady-node")
     async with running_edge(settings) as base:
-        async with ws_client(base) as c:
-            await c.next()
-            await c.send({"type": "subscribe", "target": "volume_wave"})
-            await c.next(type="price_update")
+        async with live_subscriber(base) as c:
             seen = await log.append_events("volume_wave", price_changes(5, start=1))
             await collect_until(c, lambda: c.event_ids() == seen)
     missed = await log.append_events("volume_wave", price_changes(7, start=6))  # while the node is down
     read_before = metrics.EVENTS_READ.labels("volume_wave")._value.get()
-    async with running_edge(settings.model_copy(update={"edge_port": settings.edge_port})) as base:
+    async with running_edge(settings) as base:
         async with ws_client(base) as c:
             await c.next()
             await c.send({"type": "subscribe", "target": "volume_wave", "last_event_id": seen[-1]})
@@ -315,10 +323,8 @@ async def test_events_both_replayed_and_read_live_are_sent_once(redis_url, keys,
     await log.append_events("volume_wave", price_changes(1))
     settings = edge_settings(redis_url, keys, edge_node="overlap-node")
     async with running_edge(settings) as base:
-        async with ws_client(base) as a:
-            await a.next()
-            await a.send({"type": "subscribe", "target": "volume_wave"})
-            await a.next(type="price_update")
+        async with live_subscriber(base):
+            pass
         await asyncio.sleep(0.1)  # A left: the tail stopped, its group stays behind
         backlog = []
         for start in range(1, 301, 50):  # the group's backlog, which the next resume also replays

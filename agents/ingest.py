@@ -22,9 +22,9 @@ from agents.sources import RawTick, Source
 from agents.validate import TickRejected, check_tick, parse_tick
 from schemas.events import Tick
 from streams.codec import encode_record
-from streams.connection import AnyRedis
+from streams.connection import AnyRedis, execute
 from streams.deadletter import dead_letter_fields
-from streams.errors import translated
+from streams.errors import StreamUnavailable
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
@@ -43,12 +43,11 @@ FETCH_LATENCY = Histogram("tickwave_ingest_fetch_seconds", "Time to get one batc
 async def topic_partitions(client: AnyRedis, keys: Keys, topic: str, default: int) -> int:
     """The topic's partition count as stored in Redis (set to `default` by the first caller)."""
     meta = keys.topic_meta(topic)
-    with translated(f"partitions of {topic}"):
-        pipe = client.pipeline(transaction=False)
-        pipe.hsetnx(meta, "partitions", default)
-        pipe.hget(meta, "partitions")
-        pipe.sadd(keys.topics(), topic)
-        _, stored, _ = await pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    pipe.hsetnx(meta, "partitions", default)
+    pipe.hget(meta, "partitions")
+    pipe.sadd(keys.topics(), topic)
+    _, stored, _ = await execute(pipe, f"partitions of {topic}")
     return int(stored)
 
 
@@ -110,11 +109,37 @@ class TickWriter:
             )
         return appends, rejects
 
-    async def write(self, batch: Sequence[RawTick]) -> None:
-        """Validate and append one batch: all of it lands (appends and dead letters) or it raises."""
+    async def write(self, batch: Sequence[RawTick], stop: asyncio.Event | None = None) -> None:
+        """Validate and append one batch. While Redis is unreachable the same sorted batch is
+        retried with backoff (sorting again would take its ticks for duplicates of themselves),
+        until it lands or `stop` is set; a retry after a partial pipeline may append some
+        partitions twice (at-least-once)."""
         self.stats.fetched += len(batch)
         FETCHED.labels(self.source).inc(len(batch))
         appends, rejects = self._sort(batch)
+        backoff, failing = 0.2, False
+        while True:
+            try:
+                await self._land(appends, rejects)
+                if failing:
+                    log.info("redis reachable again", extra={"source": self.source})
+                return
+            except StreamUnavailable as exc:
+                SOURCE_ERRORS.labels(self.source, "redis").inc()
+                if not failing:
+                    log.warning("redis unreachable; holding the batch and retrying",
+                                extra={"source": self.source, "error": str(exc), "ticks": len(batch)})
+                    failing = True
+                if stop is not None and stop.is_set():
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _land(
+        self,
+        appends: dict[int, list[tuple[bytes, bytes, bytes, bytes]]],
+        rejects: list[tuple[str, str, RawTick]],
+    ) -> None:
         if rejects:
             pipe = self.client.pipeline(transaction=False)
             for reason, detail, raw in rejects:
@@ -122,17 +147,18 @@ class TickWriter:
                           dead_letter_fields(reason if not detail else f"{reason}: {detail}",
                                              f"source:{self.source}", _raw_payload(raw)),  # type: ignore[arg-type]
                           maxlen=100_000, approximate=True)
-            with translated("dead-letter ticks"):
-                await pipe.execute()
+            await execute(pipe, "dead-letter ticks")
             for reason, detail, _ in rejects:
                 self.stats.rejected[reason] += 1
                 REJECTED.labels(self.source, reason).inc()
                 log.info("tick rejected", extra={"source": self.source, "reason": reason, "detail": detail})
+            rejects.clear()  # landed: a retry of the appends must not dead-letter them again
         if appends:
             await self.log.append_many(appends)
             n = sum(len(v) for v in appends.values())
             self.stats.appended += n
             APPENDED.labels(self.source).inc(n)
+            appends.clear()
 
 
 async def run_ingest(
@@ -169,7 +195,7 @@ async def run_ingest(
             except StopAsyncIteration:
                 break
             FETCH_LATENCY.labels(source.name).observe(time.perf_counter() - started)
-            await writer.write(batch)
+            await writer.write(batch, stop)
             if on_progress:
                 on_progress(writer.stats)
     finally:

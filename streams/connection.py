@@ -46,6 +46,18 @@ def connect(url: str, **options: Any) -> AnyRedis:
         raise StreamsError(f"bad Redis URL {url!r}: {exc}") from None
 
 
+async def execute(pipe: Any, action: str) -> list[Any]:
+    """Run a pipeline; Redis errors translated, and its connection released even when it fails
+    (a pipeline that raised keeps its connection until reset, and warns when collected)."""
+    from streams.errors import translated
+
+    try:
+        with translated(action):
+            return list(await pipe.execute())
+    finally:
+        await pipe.reset()
+
+
 async def server_version(client: AnyRedis) -> tuple[int, ...]:
     """The server's version as a tuple, e.g. (7, 0, 15)."""
     info = await client.info("server")

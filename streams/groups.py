@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import redis.exceptions as rex
 
-from streams.connection import AnyRedis
+from streams.connection import AnyRedis, execute
 from streams.errors import translated
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -58,8 +58,7 @@ async def ack(client: AnyRedis, group: str, acks: Iterable[tuple[str, bytes | st
     pipe = client.pipeline(transaction=False)
     for key, ids in per_key.items():
         pipe.xack(key, group, *ids)
-    with translated(f"ack group {group}"):
-        return sum(int(n) for n in await pipe.execute())
+    return sum(int(n) for n in await execute(pipe, f"ack group {group}"))
 
 
 async def claim_idle(

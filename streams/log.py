@@ -16,7 +16,7 @@ from streams.codec import (
 )
 from redis.asyncio.cluster import RedisCluster
 
-from streams.connection import AnyRedis
+from streams.connection import AnyRedis, execute
 from streams.errors import CorruptEntry, translated
 from streams.keys import Keys
 
@@ -70,8 +70,7 @@ class PartitionLog:
         for p in parts:
             keys = [self.stream_key(p), self.keys.topic_sequence(self.topic, p)]
             await self._script(keys=keys, args=self._args(batches[p]), client=cast(Any, pipe))
-        with translated(f"append to topic {self.topic}"):
-            results = await pipe.execute()
+        results = await execute(pipe, f"append to topic {self.topic}")
         return {p: int(r) for p, r in zip(parts, results)}
 
     async def read(self, partition: int, from_offset: int, count: int = 1000) -> list[RawEntry]:
@@ -99,12 +98,11 @@ class PartitionLog:
     async def bounds(self, partition: int) -> tuple[int, int]:
         """(earliest offset still kept, next offset to be written): Kafka's low/high watermarks."""
         key = self.stream_key(partition)
-        with translated(f"bounds of {key}"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.xrange(key, count=1)
-            pipe.xrevrange(key, count=1)
-            pipe.get(self.keys.topic_sequence(self.topic, partition))
-            first, last, seq = await pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(key, count=1)
+        pipe.xrevrange(key, count=1)
+        pipe.get(self.keys.topic_sequence(self.topic, partition))
+        first, last, seq = await execute(pipe, f"bounds of {key}")
         if seq is not None:
             high = int(seq)
         else:  # counter not written yet: derive it as the append script would
@@ -134,8 +132,7 @@ async def append_timed(
             minid=min_id if last and maxlen is None else None,
             approximate=True,
         )
-    with translated(f"append to {key}"):
-        return list(await pipe.execute()) if entries else []
+    return await execute(pipe, f"append to {key}") if entries else []
 
 
 async def read_after(

@@ -200,3 +200,34 @@ def test_replay_reads_fractional_seconds_offsets_and_naive_beijing_times(tmp_pat
     times = load_table(path)["time"].to_pylist()
     assert [t.isoformat() for t in times] == [
         "2026-11-24T02:00:00.500000+00:00", "2026-11-24T02:00:01+00:00", "2026-11-24T02:00:02+00:00"]
+
+
+async def test_ingest_survives_a_redis_restart_and_loses_no_batch(keys):
+    from streams.connection import connect
+    from tickwave import servers
+
+    own = servers.start_redis()
+    client = connect(own.url)
+    stop = asyncio.Event()
+    sim = Simulator(list(UNIVERSE), interval=0.05, ignore_clock=True, seed=9)
+    seen = []
+    task = asyncio.create_task(run_ingest(client, keys, sim, stop=stop, on_progress=lambda s: seen.append(s.appended)))
+    try:
+        while not seen or seen[-1] < 100:
+            await asyncio.sleep(0.05)
+        own.stop()  # Redis goes away (and, without persistence, comes back empty)
+        await asyncio.sleep(0.5)
+        assert not task.done(), "ingest died with Redis"
+        own = servers.EmbeddedRedis(own.binary, port=own.port).start()
+        before = seen[-1]
+        deadline = asyncio.get_running_loop().time() + 15
+        while seen[-1] < before + 100:
+            assert asyncio.get_running_loop().time() < deadline, "ingest did not resume after Redis came back"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        stats = await asyncio.wait_for(task, 15)
+        await client.aclose()
+        own.stop()
+    # every fetched tick was appended or dead-lettered: the batch held during the outage landed
+    assert stats.fetched == stats.appended + stats.duplicates + stats.rejected_total

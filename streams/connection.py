@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.asyncio.cluster import RedisCluster
 
 from streams.errors import StreamsError
@@ -41,6 +44,11 @@ def connect(url: str, **options: Any) -> AnyRedis:
                 return RedisCluster.from_url(plain, **options)
         if _hiredis_pack is not None and url.startswith("redis://"):
             options.setdefault("connection_class", HiredisPackingConnection)
+        # a pooled connection that died with a Redis restart fails on its next use: reconnect
+        # and retry twice before the caller sees StreamUnavailable (appends are idempotent by
+        # position, or at-least-once for topic partitions)
+        options.setdefault("retry", Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+        options.setdefault("retry_on_error", [rex.ConnectionError, rex.TimeoutError])
         return aioredis.Redis.from_url(url, **options)
     except ValueError as exc:
         raise StreamsError(f"bad Redis URL {url!r}: {exc}") from None

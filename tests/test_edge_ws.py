@@ -338,3 +338,31 @@ async def test_events_both_replayed_and_read_live_are_sent_once(redis_url, keys,
             await collect_until(b, lambda: live[-1] in b.event_ids())
             await b.drain()  # anything sent twice would arrive by now
             assert b.event_ids() == backlog + live
+
+
+async def test_the_edge_survives_a_redis_restart_and_keeps_pushing(keys):
+    from streams.connection import connect
+    from tickwave import servers
+
+    own = servers.start_redis()
+    try:
+        client = connect(own.url)
+        log = EventLog(client, keys)
+        await log.append_events("volume_wave", price_changes(3))
+        async with running_edge(edge_settings(own.url, keys)) as base:
+            async with live_subscriber(base) as c:
+                own.stop()  # Redis goes away, and comes back empty (no persistence)
+                await asyncio.sleep(1.0)
+                own = servers.EmbeddedRedis(own.binary, port=own.port).start()
+                after = []
+                deadline = asyncio.get_running_loop().time() + 20
+                # the stream is new: a new epoch, and the node's tail recreates its group
+                while not after or after[-1] not in c.event_ids():
+                    assert asyncio.get_running_loop().time() < deadline, "no events pushed after the restart"
+                    after += await log.append_events("volume_wave", price_changes(2, start=len(after) * 10))
+                    await c.drain(quiet=0.5)
+                upd = [f for f in c.frames if f["type"] == "price_update" and not f.get("snapshot")][-1]
+                assert upd["epoch"] == await log.epoch("volume_wave")
+        await client.aclose()
+    finally:
+        own.stop()

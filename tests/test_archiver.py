@@ -108,16 +108,19 @@ async def test_archiver_killed_at_random_moments_leaves_exactly_the_streams_even
     kills = 0
     try:
         while written < total:
-            n = min(500, total - written)
-            await log.append_events("volume_wave", price_changes(n, start=written))
-            written += n
-            if rng.random() < 0.25:
-                await asyncio.sleep(rng.uniform(0.0, 0.3))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(5)
-                kills += 1
-                # alternate: the same consumer name (re-reads its own pending) or a new one (claims)
-                proc = start_archiver(redis_url, pg_url, keys, f"a-{kills % 2}-{kills if kills % 3 == 0 else 0}")
+            # a burst, then a kill while the archiver is busy with it
+            for _ in range(4):
+                n = min(500, total - written)
+                if n:
+                    await log.append_events("volume_wave", price_changes(n, start=written))
+                    written += n
+            await asyncio.sleep(rng.uniform(0.02, 0.25))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            kills += 1
+            # alternate: the same consumer name (re-reads its own pending) or a new one (claims)
+            proc = start_archiver(redis_url, pg_url, keys, f"a-{kills % 2}-{kills if kills % 3 == 0 else 0}")
+            await asyncio.sleep(0.3)  # let it start and pick up some work before the next burst
         stream_ids = [s.id for s in await log.read_after("volume_wave", None)]
         assert len(stream_ids) == total
         await wait_for(lambda: _eq(pg_url, "volume_wave", stream_ids), 60, "archive equal to the stream")

@@ -29,6 +29,7 @@ log = logging.getLogger("tickwave.archiver")
 ARCHIVED = Counter("tickwave_archive_events_total", "Events archived into PostgreSQL", ["strategy"])
 REJECTED = Counter("tickwave_archive_rejected_total", "Corrupt entries dead-lettered by the archiver", ["strategy"])
 LAG_ENTRIES = Gauge("tickwave_archive_lag_entries", "Events in Redis not yet archived", ["strategy"])
+LAG_EVERY_S = 5.0
 LAG_SECONDS = Gauge("tickwave_archive_lag_seconds", "Age of the newest event not yet archived", ["strategy"])
 
 
@@ -64,6 +65,7 @@ class Archiver:
         self._streams: dict[str, str] = {}  # stream key -> strategy
         self._epochs: dict[str, str] = {}
         self._last_refresh = 0.0
+        self._last_lag = 0.0
 
     async def _refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_refresh < self.refresh_s:
@@ -181,8 +183,10 @@ class Archiver:
                                               {k: ">" for k in self._streams}, count=self.batch, block_ms=500)
                 if got:
                     await self._archive(got)
-                else:
+                # under load too: a lag gauge that only moves when idle hides the lag that matters
+                if not got or time.monotonic() - self._last_lag > LAG_EVERY_S:
                     await self._update_lag()
+                    self._last_lag = time.monotonic()
                 backoff = 0.5
             except asyncio.TimeoutError:
                 continue

@@ -149,3 +149,30 @@ async def test_archiver_stops_cleanly_on_sigterm(redis, redis_url, keys, pg_url,
 
 async def _count(pg_url, n):
     return len(await archived_ids(pg_url)) == n
+
+
+async def test_archive_lag_is_reported_while_the_archiver_is_busy(redis, keys, pg_url, monkeypatch):
+    import agents.archiver as archiver_module
+    from agents.archiver import LAG_ENTRIES, LAG_SECONDS
+
+    monkeypatch.setattr(archiver_module, "LAG_EVERY_S", 0.0)
+    LAG_ENTRIES.labels("volume_wave").set(0)  # the gauge is process-wide: start from a known value
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    log = EventLog(redis, keys)
+    for start in range(0, 3000, 500):
+        await log.append_events("volume_wave", price_changes(500, start=start))
+    lags = []
+    archiver = Archiver(redis, keys, ArchiveStore(pool), consumer="t1", refresh_s=0.1, batch=200)
+    stop = asyncio.Event()
+
+    def progress(stats):
+        lags.append((LAG_ENTRIES.labels("volume_wave")._value.get(), LAG_SECONDS.labels("volume_wave")._value.get()))
+        if stats.archived >= 3000:
+            stop.set()
+
+    archiver.on_progress = progress
+    await asyncio.wait_for(archiver.run(stop), 30)
+    await pool.close()
+    # the gauges moved while batches were still waiting, not only once the archiver went idle
+    assert any(entries > 0 for entries, _ in lags[1:-1]), lags[:5]

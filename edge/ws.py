@@ -32,6 +32,8 @@ from schemas.messages import (
     parse_client_message,
 )
 from streams.events import StoredEvent, parse_id
+from agents.errors import AgentsError
+from streams.errors import StreamsError
 from streams.keys import check_name
 
 log = logging.getLogger("tickwave.edge")
@@ -74,7 +76,15 @@ class Session:
             if isinstance(msg, Ping):
                 self.sender.send_json("pong", {"type": "pong", "timestamp": _now(), "id": msg.id})
             elif isinstance(msg, Subscribe):
-                return await self.subscribe(msg)
+                try:
+                    return await self.subscribe(msg)
+                except (StreamsError, AgentsError) as exc:
+                    # Redis or PostgreSQL unavailable mid-subscribe: say so, keep the connection
+                    await self._drop(msg)
+                    log.warning("subscribe failed: store unavailable",
+                                extra={"client_id": self.client_id, "target": msg.target, "error": str(exc)})
+                    raise ProtocolError(ErrorCode.UNAVAILABLE, "history is unavailable right now; retry shortly",
+                                        None, msg.id) from None
             elif isinstance(msg, Unsubscribe):
                 await self.unsubscribe(msg)
         except ProtocolError as exc:
@@ -169,6 +179,13 @@ class Session:
             "epoch": epoch, "event_id": latest, "recovered": False, "replayed": 0, "id": msg.id})
         self.sender.put(Outgoing(price_update(sub.target, epoch, rows, snapshot=True), "price_update"))
         sub.go_live(parse_id(latest) if latest else None)
+
+    async def _drop(self, msg: Subscribe) -> None:
+        """Forget a subscription that could not be set up."""
+        for key, sub in list(self.subs.items()):
+            if key[0] == msg.subscription_type and sub.buffering:
+                del self.subs[key]
+                await self.state.hub.leave(sub)
 
     async def unsubscribe(self, msg: Unsubscribe) -> None:
         target, _ = self._target(msg)

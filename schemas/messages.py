@@ -150,6 +150,7 @@ class ErrorCode:
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = 404
+    UNAVAILABLE = "unavailable"
 
 
 class Error(ServerMessage):

@@ -366,3 +366,21 @@ async def test_the_edge_survives_a_redis_restart_and_keeps_pushing(keys):
         await client.aclose()
     finally:
         own.stop()
+
+
+async def test_a_subscribe_while_redis_is_down_gets_an_error_and_the_connection_stays(keys):
+    from tickwave import servers
+
+    own = servers.start_redis()
+    try:
+        async with running_edge(edge_settings(own.url, keys)) as base:
+            async with ws_client(base) as c:
+                await c.next()
+                own.stop()
+                await c.send({"type": "subscribe", "target": "volume_wave", "id": 3})
+                err = await c.next(type="error", timeout=15)
+                assert err["code"] == "unavailable" and err["id"] == 3
+                await c.send('{"type":"ping"}')
+                assert (await c.next(type="pong"))["type"] == "pong"
+    finally:
+        own.stop()

@@ -13,11 +13,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from edge import metrics
 from edge.frames import price_update
+from schemas.messages import ServerMessage
 
 log = logging.getLogger("tickwave.edge")
 
@@ -83,8 +83,9 @@ class Sender:
         while self.queue and not self.closed and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
-    def send_json(self, kind: str, doc: dict[str, Any]) -> None:
-        self.put(Outgoing(orjson.dumps(doc, default=str).decode(), kind))
+    def send(self, message: ServerMessage) -> None:
+        """Queue one control frame, serialised by its schemas.messages model."""
+        self.put(Outgoing(message.model_dump_json(), message.type))  # type: ignore[attr-defined]
 
     def backlog(self) -> int:
         """Bytes not yet handed to the kernel: our queue plus the transport's write buffer."""

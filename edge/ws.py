@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import uuid
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -21,14 +20,17 @@ from edge.frames import batch_of, price_item, price_update
 from edge.hub import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
-from schemas.market import SHANGHAI, InvalidCode, parse_ts_code
+from schemas.market import InvalidCode, parse_ts_code
 from schemas.messages import (
-    PROTOCOL_VERSION,
+    Connected,
     ErrorCode,
     Ping,
+    Pong,
     ProtocolError,
     Subscribe,
+    Subscribed,
     Unsubscribe,
+    Unsubscribed,
     parse_client_message,
 )
 from streams.events import StoredEvent, parse_id
@@ -60,7 +62,7 @@ class Session:
         self.subs: dict[tuple[str, str], Subscription] = {}
 
     def error(self, exc: ProtocolError) -> None:
-        self.sender.send_json("error", exc.to_message().model_dump(mode="json"))
+        self.sender.send(exc.to_message())
 
     async def handle(self, text: str) -> bool:
         """Handle one frame; False when the connection must close."""
@@ -74,7 +76,7 @@ class Session:
         try:
             msg = parse_client_message(text)
             if isinstance(msg, Ping):
-                self.sender.send_json("pong", {"type": "pong", "timestamp": _now(), "id": msg.id})
+                self.sender.send(Pong(id=msg.id))
             elif isinstance(msg, Subscribe):
                 try:
                     return await self.subscribe(msg)
@@ -128,9 +130,7 @@ class Session:
         self.subs[key] = sub
         await self.state.hub.join(sub)  # live events buffer from here on
         if msg.subscription_type == "stock":
-            self.sender.send_json("subscribed", {
-                "type": "subscribed", "subscription_type": "stock", "target": msg.target, "epoch": None,
-                "event_id": None, "recovered": False, "replayed": 0, "id": msg.id})
+            self.sender.send(Subscribed(subscription_type="stock", target=msg.target, id=msg.id))
             return True
         await self._replay_or_snapshot(sub, msg)
         return True
@@ -146,10 +146,9 @@ class Session:
                 metrics.RESUMES.labels("true").inc()
                 metrics.REPLAYED.inc(len(got.events))
                 last = got.events[-1].id if got.events else msg.last_event_id
-                self.sender.send_json("subscribed", {
-                    "type": "subscribed", "subscription_type": msg.subscription_type, "target": target,
-                    "epoch": got.epoch, "event_id": last, "recovered": True, "replayed": len(got.events),
-                    "id": msg.id})
+                self.sender.send(Subscribed(
+                    subscription_type=msg.subscription_type, target=target, epoch=got.epoch, event_id=last,
+                    recovered=True, replayed=len(got.events), id=msg.id))
                 for start in range(0, len(got.events), 500):
                     batch, _ = batch_of(target, got.epoch, got.events[start:start + 500], latency=False)
                     if batch is not None:
@@ -164,9 +163,9 @@ class Session:
             metrics.RESUMES.labels("false").inc()
             log.info("resume not covered", extra={"client_id": self.client_id, "target": target,
                                                   "reason": got.reason or "too_many_events"})
-        await self._snapshot(sub, msg, recovered_attempt=bool(msg.last_event_id))
+        await self._snapshot(sub, msg)
 
-    async def _snapshot(self, sub: Subscription, msg: Subscribe, *, recovered_attempt: bool) -> None:
+    async def _snapshot(self, sub: Subscription, msg: Subscribe) -> None:
         st = self.state
         epoch = await st.events.epoch(sub.target)
         # the newest id first, then the snapshot: an event appended in between is then both
@@ -174,26 +173,23 @@ class Session:
         latest = await st.events.latest_id(sub.target)
         snap = await st.events.snapshot(sub.target)
         rows = [price_item(s.id, _doc(s)) for s in snap]
-        self.sender.send_json("subscribed", {
-            "type": "subscribed", "subscription_type": msg.subscription_type, "target": sub.target,
-            "epoch": epoch, "event_id": latest, "recovered": False, "replayed": 0, "id": msg.id})
+        self.sender.send(Subscribed(subscription_type=msg.subscription_type, target=sub.target, epoch=epoch,
+                                    event_id=latest, id=msg.id))
         self.sender.put(Outgoing(price_update(sub.target, epoch, rows, snapshot=True), "price_update"))
         sub.go_live(parse_id(latest) if latest else None)
 
     async def _drop(self, msg: Subscribe) -> None:
         """Forget a subscription that could not be set up."""
-        for key, sub in list(self.subs.items()):
-            if key[0] == msg.subscription_type and sub.buffering:
-                del self.subs[key]
-                await self.state.hub.leave(sub)
+        sub = self.subs.pop((msg.subscription_type, self._target(msg)[0]), None)
+        if sub is not None:
+            await self.state.hub.leave(sub)
 
     async def unsubscribe(self, msg: Unsubscribe) -> None:
         target, _ = self._target(msg)
         sub = self.subs.pop((msg.subscription_type, target), None)
         if sub is not None:
             await self.state.hub.leave(sub)
-        self.sender.send_json("unsubscribed", {"type": "unsubscribed", "subscription_type": msg.subscription_type,
-                                               "target": msg.target, "id": msg.id})
+        self.sender.send(Unsubscribed(subscription_type=msg.subscription_type, target=msg.target, id=msg.id))
 
     async def close(self) -> None:
         for sub in self.subs.values():
@@ -204,10 +200,6 @@ class Session:
 
 def _doc(stored: StoredEvent) -> dict[str, Any]:
     return orjson.loads(stored.fields[b"e"])  # type: ignore[no-any-return]
-
-
-def _now() -> str:
-    return datetime.now(SHANGHAI).isoformat()
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -247,9 +239,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         state.sessions.add(session)
         metrics.CONNECTIONS.inc()
         session.sender.start()
-        session.sender.send_json("connected", {
-            "type": "connected", "client_id": client_id, "message": "connected to tickwave",
-            "timestamp": _now(), "protocol": PROTOCOL_VERSION, "heartbeat": s.edge_heartbeat_s})
+        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 if not await session.handle(msg.data):

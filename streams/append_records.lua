@@ -2,7 +2,8 @@
 -- Works on Redis 6.2 and 7.x, and in Cluster: both keys share one hash tag.
 -- KEYS[1] partition stream, KEYS[2] its sequence counter
 -- ARGV[1] MAXLEN (0 = no trimming), ARGV[2] codec version,
--- then four values per record: key, value, headers, timestamp ms.
+-- then five values per record: key, value, headers, timestamp ms, null flags
+-- ('v' when the value is None, else empty: the field is then left out).
 -- Returns the offset of the first record (its id is 0-<offset+1>).
 local seq = redis.call('GET', KEYS[2])
 if seq then
@@ -17,17 +18,32 @@ else
 end
 local first = seq
 local maxlen = tonumber(ARGV[1])
-local n = (#ARGV - 2) / 4
+local n = (#ARGV - 2) / 5
 for i = 0, n - 1 do
-  local b = 3 + i * 4
+  local b = 3 + i * 5
   seq = seq + 1
+  local args = {KEYS[1]}
   if maxlen > 0 and i == n - 1 then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '0-' .. seq,
-      'k', ARGV[b], 'v', ARGV[b + 1], 'h', ARGV[b + 2], 't', ARGV[b + 3], 'c', ARGV[2])
-  else
-    redis.call('XADD', KEYS[1], '0-' .. seq,
-      'k', ARGV[b], 'v', ARGV[b + 1], 'h', ARGV[b + 2], 't', ARGV[b + 3], 'c', ARGV[2])
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = '~'
+    args[#args + 1] = maxlen
   end
+  args[#args + 1] = '0-' .. seq
+  args[#args + 1] = 'k'
+  args[#args + 1] = ARGV[b]
+  args[#args + 1] = 'v'
+  args[#args + 1] = ARGV[b + 1]
+  args[#args + 1] = 'h'
+  args[#args + 1] = ARGV[b + 2]
+  args[#args + 1] = 't'
+  args[#args + 1] = ARGV[b + 3]
+  args[#args + 1] = 'c'
+  args[#args + 1] = ARGV[2]
+  if ARGV[b + 4] ~= '' then
+    args[#args + 1] = 'n'
+    args[#args + 1] = ARGV[b + 4]
+  end
+  redis.call('XADD', unpack(args))
 end
 redis.call('SET', KEYS[2], seq)
 return first

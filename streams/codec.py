@@ -2,7 +2,8 @@
 
 Topic records (dense-offset streams read by the faust driver and written by
 ingest) are four fields, `k` key, `v` value, `h` headers, `t` wall-clock ms,
-plus `c`, the codec version. Event entries (per-strategy streams with Redis
+plus `c`, the codec version, and `n` = `v` when the value is None (a table
+tombstone must not come back as b""). Event entries (per-strategy streams with Redis
 time ids) are `e` the event JSON, `y` its type, `s` its schema version, `c`.
 Decoding is the only place that looks at the version and applies upcasters.
 """
@@ -70,15 +71,19 @@ def decode_headers(raw: bytes) -> Headers:
     return [(str(k), base64.b64decode(v)) for k, v in json.loads(raw)]
 
 
+EncodedRecord = tuple[bytes, bytes, bytes, bytes, bytes]
+
+
 def encode_record(
     key: bytes | None,
     value: bytes | None,
     headers: Headers | Mapping[str, bytes] | None = None,
     timestamp_ms: int | None = None,
-) -> tuple[bytes, bytes, bytes, bytes]:
-    """The four values (k, v, h, t) the append script writes; an absent key is stored empty."""
+) -> EncodedRecord:
+    """The values (k, v, h, t, n) the append script writes; an absent key is stored empty,
+    an absent value is flagged in `n` so it reads back as None."""
     ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-    return (key or b"", value or b"", encode_headers(headers), str(ts).encode())
+    return (key or b"", value or b"", encode_headers(headers), str(ts).encode(), b"v" if value is None else b"")
 
 
 def decode_record(entry_id: bytes | str, fields: Fields) -> Record:
@@ -89,7 +94,7 @@ def decode_record(entry_id: bytes | str, fields: Fields) -> Record:
         raise CorruptEntry(f"unknown record codec version {version!r}", eid)
     try:
         key = fields[b"k"] or None
-        value = fields[b"v"]
+        value = None if fields.get(b"n") == b"v" else fields[b"v"]
         headers = decode_headers(fields.get(b"h", b""))
         ts = int(fields[b"t"])
     except KeyError as exc:

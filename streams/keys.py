@@ -44,6 +44,12 @@ class Keys:
     def topics(self) -> str:
         return f"{self.prefix}topics"
 
+    # --- consumer groups of the faust driver ------------------------------
+    def group(self, group: str, part: str) -> str:
+        """One of a group's keys (members, meta, joined, md, asg, owners, offsets, wake);
+        all share the group's hash tag so one script can fence a commit against ownership."""
+        return f"{self.prefix}g:{{{check_name(group, 'group')}}}:{part}"
+
     # --- per-strategy event streams (Redis time ids) ----------------------
     def events(self, strategy: str) -> str:
         return f"{self.prefix}ev:{{{check_name(strategy, 'strategy')}}}"

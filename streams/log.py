@@ -8,6 +8,7 @@ from typing import Any, cast
 
 from streams.codec import (
     CODEC_VERSION,
+    EncodedRecord,
     Record,
     decode_record,
     encode_record,
@@ -38,14 +39,14 @@ class PartitionLog:
     def stream_key(self, partition: int) -> str:
         return self.keys.topic_partition(self.topic, partition)
 
-    def _args(self, records: Iterable[tuple[bytes, bytes, bytes, bytes]]) -> list[Any]:
+    def _args(self, records: Iterable[EncodedRecord]) -> list[Any]:
         args: list[Any] = [self.maxlen, CODEC_VERSION]
         for rec in records:
             args.extend(rec)
         return args
 
     async def append(
-        self, partition: int, records: Sequence[tuple[bytes, bytes, bytes, bytes]]
+        self, partition: int, records: Sequence[EncodedRecord]
     ) -> int:
         """Append encoded records (see `encode_record`); returns the first offset written."""
         if not records:
@@ -55,7 +56,7 @@ class PartitionLog:
             return int(await self._script(keys=keys, args=self._args(records)))
 
     async def append_many(
-        self, batches: Mapping[int, Sequence[tuple[bytes, bytes, bytes, bytes]]]
+        self, batches: Mapping[int, Sequence[EncodedRecord]]
     ) -> dict[int, int]:
         """One pipelined round trip for several partitions; returns partition -> first offset."""
         parts = [p for p, recs in batches.items() if recs]

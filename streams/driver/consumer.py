@@ -1,0 +1,446 @@
+"""The faust consumer on Redis Streams: fetch by dense offset, positions, group rebalancing.
+
+Fetching is one XREAD over every active partition, from each partition's
+position (its next offset), blocking briefly when there is nothing new.
+Positions start at the committed offset, else at `consumer_auto_offset_reset`;
+a position that trimming left behind follows the same policy.
+
+Rebalancing follows Kafka's eager protocol over `group.Group`: when the
+group's round moves on, this member revokes everything (faust's callbacks
+stop the streams, wait for them and commit), joins the round, and once every
+live member has joined, one of them runs faust's own PartitionAssignor and
+writes the next generation; each member then gets faust's assign callback.
+Heartbeats renew a lease in their own task, so a long revoke does not cost
+the membership; a member that stops cleanly leaves at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from faust.transport import consumer as base
+from faust.types import TP, ConsumerMessage
+from mode import Service
+from redis.asyncio.cluster import RedisCluster
+
+from streams.codec import CODEC_VERSION, decode_headers
+from streams.deadletter import quarantine
+from streams.driver import metrics
+from streams.driver.group import Group, Reply
+from streams.errors import CorruptEntry, StreamUnavailable, translated
+
+if TYPE_CHECKING:
+    from streams.driver.transport import Transport
+
+log = logging.getLogger("tickwave.driver")
+
+DEAD_LETTER_SOURCE = "driver"
+
+
+class _Cluster:
+    """The one thing faust's assignor asks of Kafka's cluster metadata."""
+
+    def __init__(self, partitions: Mapping[str, int]):
+        self._partitions = partitions
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        n = self._partitions.get(topic)
+        return set(range(n)) if n else None
+
+
+class _Streak:
+    """Log a failure once when it starts and once when it ends, not on every retry."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.since: float | None = None
+
+    def failed(self, exc: Exception) -> float:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning(f"{self.what} failing, retrying", extra={"error": str(exc)})
+        return min(2.0, 0.05 * 2 ** min(6, int(time.monotonic() - self.since)))
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info(f"{self.what} recovered", extra={"after_s": round(time.monotonic() - self.since, 1)})
+            self.since = None
+
+
+class Consumer(base.Consumer):
+    """Reads topic partitions and takes part in the group's rebalances."""
+
+    transport: Transport
+    consumer_stopped_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.member_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._assigned: set[TP] = set()
+        self._positions: dict[TP, int] = {}
+        # bumped by every seek: a fetch that was in flight across it is dropped, not applied
+        self._seeks: defaultdict[TP, int] = defaultdict(int)
+        self._highwaters: dict[TP, int] = {}
+        self._subscription: frozenset[str] = frozenset()
+        self._subscription_changed = False
+        self._needs_rebalance = asyncio.Event()
+        self._rebalancing = False
+        self._joined_round = -1
+        self._generation = 0
+        self._group: Group | None = None
+        self._fetch_streak = _Streak("fetch")
+
+    # --- lifecycle -------------------------------------------------------------
+    @property
+    def group(self) -> Group:
+        if self._group is None:
+            opts = self.transport.options
+            self._group = Group(
+                self.transport.redis, self.transport.keys, self.app.conf.id, self.member_id,
+                lease_ms=int(opts.session_timeout * 1000),
+                rebalance_ms=int(self.app.conf.broker_rebalance_timeout * 1000),
+            )
+        return self._group
+
+    async def on_start(self) -> None:
+        await self.transport.check_connection()
+        log.info("consumer started", extra={"group": self.app.conf.id, "member": self.member_id})
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self._joined_round >= 0:
+            try:
+                await asyncio.wait_for(self.group.leave(), 5.0)
+                log.info("left the group", extra={"group": self.app.conf.id, "member": self.member_id})
+            except (StreamUnavailable, asyncio.TimeoutError) as exc:
+                log.warning("could not leave the group; its lease will expire",
+                            extra={"member": self.member_id, "error": str(exc)})
+            self._joined_round = -1
+
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        """Subscribe to topics (created as Kafka would auto-create them); starts a rebalance."""
+        names = frozenset(topics)
+        await self.transport.topics.ensure(sorted(names))
+        if names != self._subscription:
+            self._subscription = names
+            self._subscription_changed = True
+            self._needs_rebalance.set()
+
+    async def create_topic(
+        self, topic: str, partitions: int, replication: int, *, config: Mapping[str, Any] | None = None,
+        timeout: Any = 30.0, retention: Any = None, compacting: bool | None = None,
+        deleting: bool | None = None, ensure_created: bool = False,
+    ) -> None:
+        """Declare a topic (see Transport.create_topic)."""
+        await self.transport.create_topic(topic, partitions, config=config, retention=retention, compacting=compacting)
+
+    # --- membership --------------------------------------------------------------
+    @Service.task
+    async def _heartbeats(self) -> None:
+        streak = _Streak("group heartbeat")
+        interval_ms = int(self.transport.options.heartbeat_interval * 1000)
+        after = b"$"
+        while not self.should_stop:
+            try:
+                if after == b"$":
+                    after = await self.group.last_wake()
+                if self._joined_round >= 0:
+                    reply = await self.group.heartbeat()
+                    if not self._rebalancing and (reply.status == "evicted" or reply.round != self._joined_round):
+                        if reply.status == "evicted":
+                            log.warning("lease expired: evicted from the group", extra={"member": self.member_id})
+                        self._needs_rebalance.set()
+                after = await self.group.wait(after, interval_ms)
+                streak.ok()
+            except StreamUnavailable as exc:
+                await self.sleep(streak.failed(exc))
+
+    @Service.task
+    async def _rebalancer(self) -> None:
+        streak = _Streak("rebalance")
+        while not self.should_stop:
+            await self._needs_rebalance.wait()
+            self._needs_rebalance.clear()
+            if self.should_stop:
+                break
+            self._rebalancing = True
+            try:
+                await self._rebalance()
+                streak.ok()
+            except StreamUnavailable as exc:
+                self._needs_rebalance.set()
+                await self.sleep(streak.failed(exc))
+            finally:
+                self._rebalancing = False
+
+    async def _rebalance(self) -> None:
+        app = self.app
+        metrics.REBALANCES.labels(app.conf.id).inc()
+        app.on_rebalance_start()
+        await self.on_partitions_revoked(set(self._assigned))
+        self._forget_assignment()
+        metadata = app.assignor.metadata(set(self._subscription)).encode()
+        changed, self._subscription_changed = self._subscription_changed, False
+        group = self.group
+        after = await group.last_wake()
+        while not self.should_stop:
+            reply = await group.join(metadata, changed=changed)
+            changed = False
+            self._joined_round = reply.round
+            while not self.should_stop:
+                reply = await group.sync(self._joined_round)
+                if reply.status == "assigned":
+                    await self._take(reply)
+                    return
+                if reply.status == "lead":
+                    await self._lead(reply)
+                elif reply.status == "wait":
+                    after = await group.wait(after, 500)
+                else:  # again / evicted: a newer round, join it
+                    break
+
+    async def _lead(self, reply: Reply) -> None:
+        raw = reply.payload
+        metadata = {
+            (raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])): ConsumerProtocolMemberMetadata.decode(raw[i + 1])
+            for i in range(0, len(raw), 2) if raw[i + 1] is not None
+        }
+        topics = sorted({t for md in metadata.values() for t in md.subscription})
+        settings = await self.transport.topics.ensure(topics)
+        assignment = self.app.assignor.assign(_Cluster({t: s.partitions for t, s in settings.items()}), metadata)
+        owners: dict[TP, str] = {}
+        for member, assigned in assignment.items():
+            for topic, partitions in assigned.assignment:
+                for p in partitions:
+                    tp = TP(topic, p)
+                    # a partition two members read (a global table's changelog) is shared
+                    owners[tp] = member if tp not in owners else "*"
+        written = await self.group.assign(reply.round, {m: a.encode() for m, a in assignment.items()}, owners)
+        if written.status == "ok":
+            log.info("led the rebalance", extra={"group": self.app.conf.id, "generation": written.generation,
+                                                 "members": len(metadata), "partitions": len(owners)})
+
+    async def _take(self, reply: Reply) -> None:
+        assignment = ConsumerProtocolMemberAssignment.decode(reply.payload[0])
+        self.app.assignor.on_assignment(assignment)
+        tps = {TP(topic, p) for topic, partitions in assignment.assignment for p in partitions}
+        await self.transport.topics.ensure(sorted({tp.topic for tp in tps}))
+        self._generation = reply.generation
+        self._assigned = tps
+        self.app.consumer_generation_id = reply.generation
+        log.info("partitions assigned", extra={"group": self.app.conf.id, "member": self.member_id,
+                                               "generation": reply.generation, "partitions": len(tps)})
+        await self.on_partitions_assigned(tps, generation_id=reply.generation)
+
+    def _forget_assignment(self) -> None:
+        for tp in self._assigned:
+            self._seeks[tp] += 1
+        self._assigned = set()
+        self._positions.clear()
+        self._highwaters.clear()
+
+    def assignment(self) -> set[TP]:
+        return set(self._assigned)
+
+    # --- positions -------------------------------------------------------------------
+    async def _resolve(self, tps: Iterable[TP]) -> None:
+        """Positions for partitions that have none: the committed offset, else the reset policy;
+        also when the committed offset was trimmed away or is past the end."""
+        tps = [tp for tp in tps if tp not in self._positions]
+        if not tps:
+            return
+        committed = await self.group.committed(tps)
+        marks = await self.transport.topics.watermarks(tps)
+        latest = self.app.conf.consumer_auto_offset_reset == "latest"
+        for tp in tps:
+            low, high = marks[tp]
+            self._highwaters[tp] = high
+            offset = committed[tp]
+            if offset is None or not low <= offset <= high:
+                offset = high if latest else low
+            self._positions[tp] = offset
+
+    def _set_position(self, tp: TP, offset: int) -> None:
+        self._seeks[tp] += 1
+        self._positions[tp] = max(0, int(offset))
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Seek every assigned partition to its committed offset; returns them."""
+        committed = await self.group.committed(self._assigned)
+        for tp, offset in committed.items():
+            if offset is not None:
+                self._set_position(tp, offset)
+        return cast(Mapping[TP, int], committed)
+
+    async def _seek(self, partition: TP, offset: int) -> None:
+        self._set_position(partition, offset)
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+        """Seek partitions (table recovery) and keep faust's read offsets in step."""
+        for tp, offset in partitions.items():
+            self._set_position(tp, offset)
+            if offset > 0:
+                self._read_offset[tp] = offset
+            else:
+                self._read_offset.pop(tp, None)
+
+    async def position(self, tp: TP) -> int | None:
+        await self._resolve([tp])
+        return self._positions.get(tp)
+
+    async def earliest_offsets(self, *partitions: TP) -> Mapping[TP, int]:
+        return {tp: low for tp, (low, _high) in (await self.transport.topics.watermarks(partitions)).items()}
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        marks = await self.transport.topics.watermarks(partitions)
+        for tp, (_low, high) in marks.items():
+            self._highwaters[tp] = high
+        return {tp: high for tp, (_low, high) in marks.items()}
+
+    def highwater(self, tp: TP) -> int:
+        return self._highwaters.get(tp, 0)
+
+    def topic_partitions(self, topic: str) -> int | None:
+        settings = self.transport.topics.cached(topic)
+        return settings.partitions if settings else None
+
+    def key_partition(self, topic: str, key: bytes | None, partition: int | None = None) -> int | None:
+        if partition is not None:
+            return partition
+        if key is None:
+            return None
+        return self.transport.producer_partition(topic, key)
+
+    # --- commits ------------------------------------------------------------------------
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        if not offsets:
+            return False
+        try:
+            refused = await self.group.commit(self._generation, offsets)
+        except StreamUnavailable as exc:
+            log.warning("commit failed; it is retried with the next one", extra={"error": str(exc)})
+            return False
+        if refused:
+            metrics.COMMITS_FENCED.labels(self.app.conf.id).inc(len(refused))
+            log.warning("commit fenced: partitions belong to another member now",
+                        extra={"member": self.member_id, "generation": self._generation,
+                               "partitions": ",".join(sorted(f"{tp.topic}/{tp.partition}" for tp in refused))})
+            self._needs_rebalance.set()
+            return False
+        return True
+
+    # --- fetching -----------------------------------------------------------------------
+    def _new_topicpartition(self, topic: str, partition: int) -> TP:
+        return TP(topic, partition)
+
+    def _to_message(self, tp: TP, record: Any) -> ConsumerMessage:
+        return cast(ConsumerMessage, record)  # _getmany already built it
+
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        return None
+
+    @Service.task
+    async def _watch_highwaters(self) -> None:
+        """Keep highwater marks fresh for faust's lag monitor (fetches only raise them)."""
+        while not self.should_stop:
+            await self.sleep(self.transport.options.heartbeat_interval)
+            if self._assigned:
+                try:
+                    await self.highwaters(*self._assigned)
+                except StreamUnavailable:
+                    pass  # the fetch loop reports the outage
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> base.RecordMap:
+        assigned = self._assigned
+        tps = [tp for tp in (assigned if active_partitions is None else active_partitions) if tp in assigned]
+        if not tps:
+            await asyncio.sleep(min(timeout, 0.1))
+            return {}
+        try:
+            records = await self._fetch(tps, timeout)
+        except StreamUnavailable as exc:
+            await asyncio.sleep(self._fetch_streak.failed(exc))
+            return {}
+        self._fetch_streak.ok()
+        return records
+
+    async def _fetch(self, tps: list[TP], timeout: float) -> dict[TP, list[ConsumerMessage]]:
+        await self._resolve(tps)
+        topics = self.transport.topics
+        opts = self.transport.options
+        seeks = {tp: self._seeks[tp] for tp in tps}
+        by_key = {topics.stream(tp): tp for tp in tps}
+        starts = {key: f"0-{self._positions[tp]}" for key, tp in by_key.items()}  # exclusive: offset n is 0-(n+1)
+        client = self.transport.redis
+        block_ms = max(1, int(min(timeout, opts.fetch_block) * 1000))
+        with translated("fetch"):
+            if isinstance(client, RedisCluster):
+                # every partition is its own slot: one non-blocking read each, then a short pause
+                replies = await asyncio.gather(*(client.xread({k: s}, count=opts.max_poll_records)
+                                                 for k, s in starts.items()))
+                reply = [r for rs in replies for r in (rs or [])]
+                if not reply:
+                    await asyncio.sleep(min(block_ms, 50) / 1000)
+            else:
+                reply = await client.xread(cast(Any, starts), count=opts.max_poll_records, block=block_ms)
+        out: dict[TP, list[ConsumerMessage]] = {}
+        generation = self.app.consumer_generation_id
+        latest = self.app.conf.consumer_auto_offset_reset == "latest"
+        for raw_key, entries in reply or []:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            tp = by_key[key]
+            if self._seeks[tp] != seeks[tp] or tp not in self._assigned or not entries:
+                continue  # sought or revoked while the read was in flight
+            position = self._positions[tp]
+            messages: list[ConsumerMessage] = []
+            bad: list[tuple[tuple[bytes, dict[bytes, bytes]], Exception]] = []
+            for entry_id, fields in entries:
+                offset = int(entry_id[2:]) - 1
+                if offset > position and latest and not messages and not bad:
+                    # trimmed past this position: Kafka's OffsetOutOfRange, reset to the end
+                    position = (await topics.watermarks([tp]))[tp][1]
+                    break
+                try:
+                    messages.append(self._message(tp, offset, fields, generation))
+                except CorruptEntry as exc:
+                    bad.append(((entry_id, fields), exc))
+                position = offset + 1
+            if bad:
+                # written before the position moves past them: a failed write re-reads them
+                await quarantine(client, self.transport.keys, DEAD_LETTER_SOURCE, key, bad)
+                metrics.CORRUPT.labels(tp.topic).inc(len(bad))
+                log.warning("corrupt records dead-lettered", extra={"topic": tp.topic, "partition": tp.partition,
+                                                                     "records": len(bad), "reason": str(bad[0][1])})
+            if self._seeks[tp] != seeks[tp]:
+                continue
+            self._positions[tp] = position
+            if position > self._highwaters.get(tp, 0):
+                self._highwaters[tp] = position
+            if messages:
+                out[tp] = messages
+        return out
+
+    def _message(self, tp: TP, offset: int, fields: dict[bytes, bytes], generation: int) -> ConsumerMessage:
+        try:
+            if fields[b"c"] != CODEC_VERSION:
+                raise CorruptEntry(f"unknown record codec version {fields[b'c']!r}")
+            value = None if fields.get(b"n") == b"v" else fields[b"v"]
+            raw_headers = fields.get(b"h")
+            return ConsumerMessage(
+                tp.topic, tp.partition, offset, int(fields[b"t"]) / 1000.0, 0,
+                decode_headers(raw_headers) if raw_headers else [],
+                fields[b"k"] or None, value, None, tp=tp, generation_id=generation,
+            )
+        except CorruptEntry:
+            raise
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptEntry(f"undecodable record: {exc!r}") from None

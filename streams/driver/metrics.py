@@ -1,0 +1,12 @@
+"""Prometheus counters of the faust driver (faust's own monitor covers messages and lag)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+REBALANCES = Counter("tickwave_driver_rebalances_total", "Rebalances this process took part in", ["group"])
+COMMITS_FENCED = Counter(
+    "tickwave_driver_commits_fenced_total",
+    "Partition commits refused because another member owns the partition now", ["group"])
+CORRUPT = Counter(
+    "tickwave_driver_corrupt_records_total", "Topic entries that could not be decoded, dead-lettered", ["topic"])

@@ -1,0 +1,151 @@
+"""Topics as Redis data: partition counts and retention in a meta hash, watermarks, trimming.
+
+A topic's settings live in `<prefix>tmeta:{topic}` (field `partitions`, set
+once by the first writer, as ingest does; `retention_ms`, `maxlen`) and its
+name in the `<prefix>topics` set. Every producer reads the count from there,
+so a keyed message lands on the same partition whoever sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from faust.types import TP
+
+from streams.codec import id_to_offset, offset_to_id
+from streams.connection import AnyRedis, execute
+from streams.errors import StreamsError, translated
+from streams.keys import Keys
+
+log = logging.getLogger("tickwave.driver")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSettings:
+    partitions: int
+    retention_ms: int = 0  # 0: kept until trimmed by length, or forever
+    maxlen: int = 0  # 0: no length cap; else MAXLEN ~ on every append
+
+
+class Topics:
+    """Create topics, read their settings (cached: they never change once set), watermarks, trim."""
+
+    def __init__(self, client: AnyRedis, keys: Keys, *, default_partitions: int):
+        if default_partitions < 1:
+            raise StreamsError("default partitions must be at least 1")
+        self.client = client
+        self.keys = keys
+        self.default_partitions = default_partitions
+        self._settings: dict[str, TopicSettings] = {}
+
+    def cached(self, topic: str) -> TopicSettings | None:
+        """Settings already read, without a round trip (faust asks for partitions synchronously)."""
+        return self._settings.get(topic)
+
+    async def ensure(
+        self, topics: Iterable[str], *, partitions: int | None = None,
+        retention_ms: int = 0, maxlen: int = 0,
+    ) -> dict[str, TopicSettings]:
+        """Settings of each topic, creating the missing ones (first writer wins, like Kafka's
+        auto-create): one pipelined round trip for all of them."""
+        topics = list(topics)
+        names = [t for t in dict.fromkeys(topics) if t not in self._settings]
+        if names:
+            pipe = self.client.pipeline(transaction=False)
+            for topic in names:
+                meta = self.keys.topic_meta(topic)
+                pipe.hsetnx(meta, "partitions", partitions or self.default_partitions)
+                if retention_ms:
+                    pipe.hsetnx(meta, "retention_ms", retention_ms)
+                if maxlen:
+                    pipe.hsetnx(meta, "maxlen", maxlen)
+                pipe.hgetall(meta)
+                pipe.sadd(self.keys.topics(), topic)
+            replies = await execute(pipe, "declare topics")
+            step = 3 + bool(retention_ms) + bool(maxlen)
+            for i, topic in enumerate(names):
+                self._settings[topic] = self._parse(topic, replies[i * step + step - 2])
+        return {t: self._settings[t] for t in topics}
+
+    def _parse(self, topic: str, meta: Mapping[bytes, bytes]) -> TopicSettings:
+        try:
+            settings = TopicSettings(
+                partitions=int(meta[b"partitions"]),
+                retention_ms=int(meta.get(b"retention_ms", 0)),
+                maxlen=int(meta.get(b"maxlen", 0)),
+            )
+        except (KeyError, ValueError) as exc:
+            raise StreamsError(f"topic {topic!r} has unreadable settings in Redis: {exc}") from None
+        if settings.partitions < 1:
+            raise StreamsError(f"topic {topic!r} has {settings.partitions} partitions in Redis")
+        return settings
+
+    async def create(self, topic: str, partitions: int, *, retention_ms: int = 0, maxlen: int = 0) -> TopicSettings:
+        """Declare a topic; an existing one keeps its settings (logged when they differ)."""
+        self._settings.pop(topic, None)
+        settings = (await self.ensure([topic], partitions=partitions, retention_ms=retention_ms, maxlen=maxlen))[topic]
+        if settings.partitions != partitions:
+            log.warning("topic exists with other settings", extra={
+                "topic": topic, "partitions": settings.partitions, "asked": partitions})
+        return settings
+
+    def stream(self, tp: TP) -> str:
+        return self.keys.topic_partition(tp.topic, tp.partition)
+
+    async def watermarks(self, tps: Iterable[TP]) -> dict[TP, tuple[int, int]]:
+        """(earliest offset kept, next offset to be written) per partition, one round trip."""
+        tps = list(tps)
+        if not tps:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for tp in tps:
+            pipe.xrange(self.stream(tp), count=1)
+            pipe.get(self.keys.topic_sequence(tp.topic, tp.partition))
+        replies = await execute(pipe, "watermarks")
+        out: dict[TP, tuple[int, int]] = {}
+        for i, tp in enumerate(tps):
+            first, seq = replies[2 * i], replies[2 * i + 1]
+            high = int(seq) if seq is not None else 0
+            out[tp] = (id_to_offset(first[0][0]) if first else high, high)
+        return out
+
+    async def trim_expired(self, topics: Iterable[str], *, now_ms: int | None = None, page: int = 500) -> int:
+        """Drop entries older than each topic's retention (MINID on the first young entry);
+        returns how many were removed. Timestamps are the producers': the scan stops at the
+        first young entry, so an old one behind it waits, as in a Kafka segment."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        removed = 0
+        for topic in topics:
+            settings = self.cached(topic)
+            if settings is None or not settings.retention_ms:
+                continue
+            cutoff = now_ms - settings.retention_ms
+            for partition in range(settings.partitions):
+                removed += await self._trim_partition(TP(topic, partition), cutoff, page)
+        return removed
+
+    async def _trim_partition(self, tp: TP, cutoff_ms: int, page: int) -> int:
+        key = self.stream(tp)
+        low: Any = "-"
+        keep_from: int | None = None
+        with translated(f"trim {key}"):
+            while keep_from is None:
+                entries = await self.client.xrange(key, min=low, count=page)
+                if not entries:
+                    break
+                for eid, fields in entries:
+                    if int(fields.get(b"t", b"0")) >= cutoff_ms:
+                        keep_from = id_to_offset(eid)
+                        break
+                else:
+                    if len(entries) < page:  # every entry is old
+                        keep_from = id_to_offset(entries[-1][0]) + 1
+                        break
+                    low = f"({entries[-1][0].decode()}"
+            if keep_from is None:
+                return 0
+            return int(await self.client.xtrim(key, minid=offset_to_id(keep_from), approximate=False))

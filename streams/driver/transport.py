@@ -1,0 +1,173 @@
+"""The faust Transport for Redis Streams, and its URL options.
+
+`broker="redis://host:6379/0?prefix=tw:&session_timeout=6"` (also `rediss://`
+for TLS and `redis+cluster://` / `rediss+cluster://` for Redis Cluster). The
+query parameters below belong to the driver; any other is handed to redis-py
+(`password=`, `ssl_cert_reqs=`, ...). Bad options fail when the app is built,
+naming the parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlencode
+
+from faust.exceptions import ImproperlyConfigured
+from faust.transport import base
+from faust.types import AppT
+from mode.utils.times import want_seconds
+from yarl import URL
+
+from streams.connection import AnyRedis, connect
+from streams.driver.consumer import Consumer
+from streams.driver.producer import Producer
+from streams.driver.topics import Topics, TopicSettings
+from streams.errors import BadKey, StreamsError, StreamUnavailable, translated
+from streams.keys import DEFAULT_PREFIX, Keys, check_name
+from streams.partition import partition_for
+
+log = logging.getLogger("tickwave.driver")
+
+SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class DriverOptions:
+    """The driver's own URL query parameters."""
+
+    redis_url: str
+    #: key prefix shared with every other writer of the same topics (tickwave's ingest uses tw:)
+    prefix: str = DEFAULT_PREFIX
+    #: seconds without a heartbeat before a member's partitions move to the others
+    session_timeout: float = 6.0
+    #: seconds between heartbeats (and the longest a member sleeps between group checks)
+    heartbeat_interval: float = 1.0
+    #: longest a fetch blocks waiting for new entries, in seconds
+    fetch_block: float = 0.5
+    #: entries read per partition per fetch
+    max_poll_records: int = 1000
+    #: seconds between retention trims of the topics this process writes
+    trim_interval: float = 60.0
+    #: seconds a stopping producer waits for Redis to take what it holds
+    stop_flush_timeout: float = 30.0
+    #: seconds start-up waits for Redis to answer before it gives up
+    connect_timeout: float = 30.0
+
+    @classmethod
+    def from_urls(cls, urls: list[URL], *, max_poll_records: int | None = None) -> DriverOptions:
+        if not urls:
+            raise ImproperlyConfigured("the Redis Streams driver needs a broker URL")
+        url = URL(str(urls[0]))
+        if url.scheme not in SCHEMES:
+            raise ImproperlyConfigured(f"broker URL {url} has scheme {url.scheme!r}; expected one of {SCHEMES}")
+        query = dict(url.query)
+        values: dict[str, Any] = {}
+        if max_poll_records:
+            values["max_poll_records"] = max_poll_records
+        for name, kind in (("session_timeout", float), ("heartbeat_interval", float), ("fetch_block", float),
+                           ("max_poll_records", int), ("trim_interval", float), ("stop_flush_timeout", float),
+                           ("connect_timeout", float)):
+            if name in query:
+                raw = query.pop(name)
+                try:
+                    values[name] = kind(raw)
+                except ValueError:
+                    raise ImproperlyConfigured(f"broker URL parameter {name}={raw!r} is not a number") from None
+                if values[name] <= 0:
+                    raise ImproperlyConfigured(f"broker URL parameter {name}={raw!r} must be positive")
+        if "prefix" in query:
+            values["prefix"] = query.pop("prefix")
+            if "{" in values["prefix"] or "}" in values["prefix"]:
+                raise ImproperlyConfigured(f"broker URL parameter prefix={values['prefix']!r} must not hold braces")
+        redis_url = str(url.with_query(None))
+        if query:
+            redis_url += "?" + urlencode(query)
+        options = cls(redis_url=redis_url, **values)
+        if options.heartbeat_interval * 2 > options.session_timeout:
+            raise ImproperlyConfigured(
+                f"broker URL parameter heartbeat_interval={options.heartbeat_interval} must be at most half "
+                f"of session_timeout={options.session_timeout}, or one late heartbeat loses the partitions")
+        return options
+
+
+class Transport(base.Transport):
+    """faust's transport on Redis Streams: topic-partition streams with dense offsets."""
+
+    Consumer: ClassVar[type[Consumer]] = Consumer  # type: ignore[assignment,misc]
+    Producer: ClassVar[type[Producer]] = Producer  # type: ignore[assignment,misc]
+    driver_version = "tickwave-redis-streams 1"
+
+    def __init__(self, url: list[URL], app: AppT, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(url, app, loop=loop)
+        if app.conf.processing_guarantee.value == "exactly_once":
+            raise ImproperlyConfigured(
+                "processing_guarantee='exactly_once' needs Kafka transactions; the Redis Streams driver is "
+                "at-least-once (make your outputs idempotent, as tickwave's append_events is)")
+        try:
+            check_name(app.conf.id, "app id (the consumer group)")
+        except BadKey as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+        self.options = DriverOptions.from_urls(url, max_poll_records=app.conf.broker_max_poll_records)
+        self.keys = Keys(self.options.prefix)
+        self._redis: AnyRedis | None = None
+        self._topics: Topics | None = None
+
+    @property
+    def redis(self) -> AnyRedis:
+        """This transport's client (a pool: blocking reads and commands use their own connections)."""
+        if self._redis is None:
+            try:
+                self._redis = connect(self.options.redis_url)
+            except StreamsError as exc:
+                raise ImproperlyConfigured(str(exc)) from None
+        return self._redis
+
+    @property
+    def topics(self) -> Topics:
+        if self._topics is None:
+            self._topics = Topics(self.redis, self.keys, default_partitions=self.app.conf.topic_partitions)
+        return self._topics
+
+    async def check_connection(self) -> None:
+        """Wait for Redis to answer, up to `connect_timeout`; then fail naming the URL."""
+        deadline = asyncio.get_running_loop().time() + self.options.connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                with translated("ping"):
+                    await self.redis.ping()
+                return
+            except StreamUnavailable as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise StreamUnavailable(
+                        f"Redis at {self.options.redis_url} did not answer within "
+                        f"{self.options.connect_timeout:g} s: {exc}") from None
+                log.warning("waiting for redis", extra={"url": self.options.redis_url, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def create_topic(
+        self, topic: str, partitions: int, *, config: Mapping[str, Any] | None = None,
+        retention: Any = None, compacting: bool | None = None,
+    ) -> TopicSettings:
+        """Declare a topic. Retention comes from `retention` (seconds) or config `retention.ms`,
+        a length cap from config `redis.maxlen`; a compacted topic (a changelog) is never trimmed."""
+        config = dict(config or {})
+        retention_ms = int(config.get("retention.ms") or (want_seconds(retention) * 1000 if retention else 0))
+        maxlen = int(config.get("redis.maxlen", 0))
+        if compacting:
+            retention_ms = maxlen = 0
+        try:
+            check_name(topic, "topic")
+        except BadKey as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+        return await self.topics.create(topic, partitions, retention_ms=retention_ms, maxlen=maxlen)
+
+    def producer_partition(self, topic: str, key: bytes) -> int:
+        """The shared murmur2 partitioner, with the topic's stored partition count."""
+        settings = self.topics.cached(topic)
+        return partition_for(key, settings.partitions if settings else self.topics.default_partitions)

@@ -78,17 +78,20 @@ class EmbeddedRedis:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     workdir: str = ""
+    #: keep every write in an append-only file (fsync always), so a restart finds the data again
+    persistent: bool = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
-        self.workdir = tempfile.mkdtemp(prefix="tickwave-redis-")
+        self.workdir = self.workdir or tempfile.mkdtemp(prefix="tickwave-redis-")
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                "--save", "", *durability, "--dir", self.workdir,
                 "--daemonize", "no", "--protected-mode", "no",
             ],
             stdout=subprocess.DEVNULL,
@@ -98,13 +101,17 @@ class EmbeddedRedis:
         log.info("embedded redis started binary=%s port=%d", self.binary, self.port)
         return self
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server and keep its data directory (see `persistent`)."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

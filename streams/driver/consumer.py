@@ -112,7 +112,7 @@ class Consumer(base.Consumer):
         return self._group
 
     async def on_start(self) -> None:
-        await self.transport.check_connection()
+        await self.transport.acquire()
         log.info("consumer started", extra={"group": self.app.conf.id, "member": self.member_id})
 
     async def on_stop(self) -> None:
@@ -125,6 +125,10 @@ class Consumer(base.Consumer):
                 log.warning("could not leave the group; its lease will expire",
                             extra={"member": self.member_id, "error": str(exc)})
             self._joined_round = -1
+
+    async def on_shutdown(self) -> None:
+        self._group = None
+        await self.transport.release()
 
     async def subscribe(self, topics: Iterable[str]) -> None:
         """Subscribe to topics (created as Kafka would auto-create them); starts a rebalance."""

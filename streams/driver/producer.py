@@ -67,8 +67,8 @@ class Producer(base.Producer):
 
     async def on_start(self) -> None:
         await super().on_start()
-        # declare the client now so a bad URL or an unreachable server is reported at start-up
-        await self.transport.check_connection()
+        # a bad URL or an unreachable server is reported at start-up, not at the first send
+        await self.transport.acquire()
 
     async def on_stop(self) -> None:
         timeout = self.transport.options.stop_flush_timeout
@@ -81,6 +81,9 @@ class Producer(base.Producer):
                 if not queued.future.done():
                     queued.future.set_exception(ProducerSendError("producer stopped before Redis took the record"))
             self._queue.clear()
+
+    async def on_shutdown(self) -> None:
+        await self.transport.release()
 
     # --- sending ------------------------------------------------------------
     async def send(
@@ -139,9 +142,11 @@ class Producer(base.Producer):
     async def _flusher(self) -> None:
         backoff = 0.05
         failing_since: float | None = None
-        while not self.should_stop or self._queue:
+        while True:
             if not self._queue:
                 self._idle.set()
+                if self.should_stop:
+                    break
                 self._wake.clear()
                 await self._wake.wait()
                 continue

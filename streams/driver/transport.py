@@ -115,6 +115,19 @@ class Transport(base.Transport):
         self.keys = Keys(self.options.prefix)
         self._redis: AnyRedis | None = None
         self._topics: Topics | None = None
+        self._users = 0
+
+    async def acquire(self) -> None:
+        """A service (consumer, producer) starts using the client: check Redis answers."""
+        self._users += 1
+        await self.check_connection()
+
+    async def release(self) -> None:
+        """A service stopped; the last one closes the client."""
+        self._users -= 1
+        if self._users <= 0 and self._redis is not None:
+            client, self._redis, self._topics = self._redis, None, None
+            await client.aclose()
 
     @property
     def redis(self) -> AnyRedis:

@@ -2,8 +2,9 @@
 
 `send` only queues the record and returns a future; one flusher writes
 everything queued since its last round trip in a single pipeline (one append
-script call per partition), so batches grow with the load and an idle
-producer adds no delay. One batch is in flight at a time, which keeps every
+script call per partition). Before each round trip it lingers (2 ms by
+default, faust's `producer_linger` when larger) so that a busy agent's sends
+share it. One batch is in flight at a time, which keeps every
 partition in send order. While Redis is down the batch is held and retried
 with backoff; nothing is dropped and the futures stay pending.
 """
@@ -142,6 +143,7 @@ class Producer(base.Producer):
     async def _flusher(self) -> None:
         backoff = 0.05
         failing_since: float | None = None
+        linger = max(self.linger_ms / 1000, self.transport.options.linger)
         while True:
             if not self._queue:
                 self._idle.set()
@@ -150,6 +152,10 @@ class Producer(base.Producer):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if linger and len(self._queue) < MAX_BATCH and not self.should_stop:
+                # let the agents queue more before the round trip: a pipeline per
+                # handful of records costs more than the records themselves
+                await asyncio.sleep(linger)
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
             try:
                 await self._write(batch)

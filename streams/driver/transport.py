@@ -50,6 +50,8 @@ class DriverOptions:
     fetch_block: float = 0.5
     #: entries read per partition per fetch
     max_poll_records: int = 1000
+    #: seconds the producer waits after a first record for more to share its round trip
+    linger: float = 0.002
     #: seconds between retention trims of the topics this process writes
     trim_interval: float = 60.0
     #: seconds a stopping producer waits for Redis to take what it holds
@@ -68,7 +70,7 @@ class DriverOptions:
         values: dict[str, Any] = {}
         if max_poll_records:
             values["max_poll_records"] = max_poll_records
-        for name, kind in (("session_timeout", float), ("heartbeat_interval", float), ("fetch_block", float),
+        for name, kind in (("linger", float), ("session_timeout", float), ("heartbeat_interval", float), ("fetch_block", float),
                            ("max_poll_records", int), ("trim_interval", float), ("stop_flush_timeout", float),
                            ("connect_timeout", float)):
             if name in query:
@@ -77,7 +79,7 @@ class DriverOptions:
                     values[name] = kind(raw)
                 except ValueError:
                     raise ImproperlyConfigured(f"broker URL parameter {name}={raw!r} is not a number") from None
-                if values[name] <= 0:
+                if values[name] < 0 or (values[name] == 0 and name != "linger"):
                     raise ImproperlyConfigured(f"broker URL parameter {name}={raw!r} must be positive")
         if "prefix" in query:
             values["prefix"] = query.pop("prefix")

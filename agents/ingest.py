@@ -21,7 +21,7 @@ from prometheus_client import Counter, Histogram
 from agents.sources import RawTick, Source
 from agents.validate import TickRejected, check_tick, parse_tick
 from schemas.events import Tick
-from streams.codec import encode_record
+from streams.codec import EncodedRecord, encode_record
 from streams.connection import AnyRedis, execute
 from streams.deadletter import dead_letter_fields
 from streams.errors import StreamUnavailable
@@ -80,8 +80,8 @@ class TickWriter:
         self._last: dict[str, tuple[Any, float]] = {}  # ts_code -> (time, price) last appended
         self._volume: dict[str, tuple[Any, int]] = {}  # ts_code -> (trade date, volume)
 
-    def _sort(self, batch: Sequence[RawTick]) -> tuple[dict[int, list[tuple[bytes, bytes, bytes, bytes]]], list[tuple[str, str, RawTick]]]:
-        appends: dict[int, list[tuple[bytes, bytes, bytes, bytes]]] = {}
+    def _sort(self, batch: Sequence[RawTick]) -> tuple[dict[int, list[EncodedRecord]], list[tuple[str, str, RawTick]]]:
+        appends: dict[int, list[EncodedRecord]] = {}
         rejects: list[tuple[str, str, RawTick]] = []
         for raw in batch:
             try:
@@ -137,7 +137,7 @@ class TickWriter:
 
     async def _land(
         self,
-        appends: dict[int, list[tuple[bytes, bytes, bytes, bytes]]],
+        appends: dict[int, list[EncodedRecord]],
         rejects: list[tuple[str, str, RawTick]],
     ) -> None:
         if rejects:

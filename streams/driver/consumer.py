@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from faust.assignor import PartitionAssignor
 from faust.transport import consumer as base
 from faust.types import TP, ConsumerMessage
 from mode import Service
@@ -192,7 +193,7 @@ class Consumer(base.Consumer):
         app.on_rebalance_start()
         await self.on_partitions_revoked(set(self._assigned))
         self._forget_assignment()
-        metadata = app.assignor.metadata(set(self._subscription)).encode()
+        metadata = self._assignor.metadata(set(self._subscription)).encode()
         changed, self._subscription_changed = self._subscription_changed, False
         group = self.group
         after = await group.last_wake()
@@ -220,7 +221,8 @@ class Consumer(base.Consumer):
         }
         topics = sorted({t for md in metadata.values() for t in md.subscription})
         settings = await self.transport.topics.ensure(topics)
-        assignment = self.app.assignor.assign(_Cluster({t: s.partitions for t, s in settings.items()}), metadata)
+        assignment = self._assignor.assign(
+            cast(Any, _Cluster({t: s.partitions for t, s in settings.items()})), metadata)
         owners: dict[TP, str] = {}
         for member, assigned in assignment.items():
             for topic, partitions in assigned.assignment:
@@ -235,7 +237,7 @@ class Consumer(base.Consumer):
 
     async def _take(self, reply: Reply) -> None:
         assignment = ConsumerProtocolMemberAssignment.decode(reply.payload[0])
-        self.app.assignor.on_assignment(assignment)
+        self._assignor.on_assignment(assignment)
         tps = {TP(topic, p) for topic, partitions in assignment.assignment for p in partitions}
         await self.transport.topics.ensure(sorted({tp.topic for tp in tps}))
         self._generation = reply.generation
@@ -251,6 +253,10 @@ class Consumer(base.Consumer):
         self._assigned = set()
         self._positions.clear()
         self._highwaters.clear()
+
+    @property
+    def _assignor(self) -> PartitionAssignor:
+        return cast(PartitionAssignor, self.app.assignor)
 
     def assignment(self) -> set[TP]:
         return set(self._assigned)
@@ -386,21 +392,23 @@ class Consumer(base.Consumer):
         starts = {key: f"0-{self._positions[tp]}" for key, tp in by_key.items()}  # exclusive: offset n is 0-(n+1)
         client = self.transport.redis
         block_ms = max(1, int(min(timeout, opts.fetch_block) * 1000))
+        reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
         with translated("fetch"):
             if isinstance(client, RedisCluster):
                 # every partition is its own slot: one non-blocking read each, then a short pause
                 replies = await asyncio.gather(*(client.xread({k: s}, count=opts.max_poll_records)
                                                  for k, s in starts.items()))
-                reply = [r for rs in replies for r in (rs or [])]
+                reply = [r for rs in replies for r in cast(list[Any], rs or [])]
                 if not reply:
                     await asyncio.sleep(min(block_ms, 50) / 1000)
             else:
-                reply = await client.xread(cast(Any, starts), count=opts.max_poll_records, block=block_ms)
+                reply = cast(list[Any], await client.xread(cast(Any, starts), count=opts.max_poll_records,
+                                                           block=block_ms))
         out: dict[TP, list[ConsumerMessage]] = {}
         generation = self.app.consumer_generation_id
         latest = self.app.conf.consumer_auto_offset_reset == "latest"
         for raw_key, entries in reply or []:
-            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             tp = by_key[key]
             if self._seeks[tp] != seeks[tp] or tp not in self._assigned or not entries:
                 continue  # sought or revoked while the read was in flight

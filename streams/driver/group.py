@@ -119,7 +119,8 @@ class Group:
     async def wait(self, after: bytes, timeout_ms: int) -> bytes:
         """Block until the group changes (a new round or generation) or `timeout_ms` passes."""
         with translated(f"group {self.group} wait"):
-            reply = await self.client.xread({self.wake_key: after}, count=100, block=max(1, timeout_ms))
+            reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], await self.client.xread(
+                {self.wake_key: after}, count=100, block=max(1, timeout_ms)))
         for _key, entries in reply or []:
             if entries:
                 return cast(bytes, entries[-1][0])

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from faust.types import TP
 
@@ -134,7 +134,8 @@ class Topics:
         keep_from: int | None = None
         with translated(f"trim {key}"):
             while keep_from is None:
-                entries = await self.client.xrange(key, min=low, count=page)
+                entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                               await self.client.xrange(key, min=low, count=page))
                 if not entries:
                     break
                 for eid, fields in entries:

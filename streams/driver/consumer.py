@@ -17,7 +17,6 @@ the membership; a member that stops cleanly leaves at once.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import secrets
 import socket
@@ -37,12 +36,12 @@ from streams.codec import CODEC_VERSION, decode_headers
 from streams.deadletter import quarantine
 from streams.driver import metrics
 from streams.driver.group import Group, Reply
+from streams.driver.logs import INFO, WARNING, note
 from streams.errors import CorruptEntry, StreamUnavailable, translated
 
 if TYPE_CHECKING:
     from streams.driver.transport import Transport
 
-log = logging.getLogger("tickwave.driver")
 
 DEAD_LETTER_SOURCE = "driver"
 
@@ -68,12 +67,12 @@ class _Streak:
     def failed(self, exc: Exception) -> float:
         if self.since is None:
             self.since = time.monotonic()
-            log.warning(f"{self.what} failing, retrying", extra={"error": str(exc)})
+            note(WARNING, f"{self.what} failing, retrying", error=str(exc))
         return min(2.0, 0.05 * 2 ** min(6, int(time.monotonic() - self.since)))
 
     def ok(self) -> None:
         if self.since is not None:
-            log.info(f"{self.what} recovered", extra={"after_s": round(time.monotonic() - self.since, 1)})
+            note(INFO, f"{self.what} recovered", after_s=round(time.monotonic() - self.since, 1))
             self.since = None
 
 
@@ -114,17 +113,17 @@ class Consumer(base.Consumer):
 
     async def on_start(self) -> None:
         await self.transport.acquire()
-        log.info("consumer started", extra={"group": self.app.conf.id, "member": self.member_id})
+        note(INFO, "consumer started", group=self.app.conf.id, member=self.member_id)
 
     async def on_stop(self) -> None:
         await super().on_stop()
         if self._joined_round >= 0:
             try:
                 await asyncio.wait_for(self.group.leave(), 5.0)
-                log.info("left the group", extra={"group": self.app.conf.id, "member": self.member_id})
+                note(INFO, "left the group", group=self.app.conf.id, member=self.member_id)
             except (StreamUnavailable, asyncio.TimeoutError) as exc:
-                log.warning("could not leave the group; its lease will expire",
-                            extra={"member": self.member_id, "error": str(exc)})
+                note(WARNING, "could not leave the group; its lease will expire",
+                            member=self.member_id, error=str(exc))
             self._joined_round = -1
 
     async def on_shutdown(self) -> None:
@@ -162,7 +161,7 @@ class Consumer(base.Consumer):
                     reply = await self.group.heartbeat()
                     if not self._rebalancing and (reply.status == "evicted" or reply.round != self._joined_round):
                         if reply.status == "evicted":
-                            log.warning("lease expired: evicted from the group", extra={"member": self.member_id})
+                            note(WARNING, "lease expired: evicted from the group", member=self.member_id)
                         self._needs_rebalance.set()
                 after = await self.group.wait(after, interval_ms)
                 streak.ok()
@@ -232,8 +231,8 @@ class Consumer(base.Consumer):
                     owners[tp] = member if tp not in owners else "*"
         written = await self.group.assign(reply.round, {m: a.encode() for m, a in assignment.items()}, owners)
         if written.status == "ok":
-            log.info("led the rebalance", extra={"group": self.app.conf.id, "generation": written.generation,
-                                                 "members": len(metadata), "partitions": len(owners)})
+            note(INFO, "led the rebalance", group=self.app.conf.id, generation=written.generation,
+                                                 members=len(metadata), partitions=len(owners))
 
     async def _take(self, reply: Reply) -> None:
         assignment = ConsumerProtocolMemberAssignment.decode(reply.payload[0])
@@ -243,8 +242,8 @@ class Consumer(base.Consumer):
         self._generation = reply.generation
         self._assigned = tps
         self.app.consumer_generation_id = reply.generation
-        log.info("partitions assigned", extra={"group": self.app.conf.id, "member": self.member_id,
-                                               "generation": reply.generation, "partitions": len(tps)})
+        note(INFO, "partitions assigned", group=self.app.conf.id, member=self.member_id,
+                                               generation=reply.generation, partitions=len(tps))
         await self.on_partitions_assigned(tps, generation_id=reply.generation)
 
     def _forget_assignment(self) -> None:
@@ -337,13 +336,13 @@ class Consumer(base.Consumer):
         try:
             refused = await self.group.commit(self._generation, offsets)
         except StreamUnavailable as exc:
-            log.warning("commit failed; it is retried with the next one", extra={"error": str(exc)})
+            note(WARNING, "commit failed; it is retried with the next one", error=str(exc))
             return False
         if refused:
             metrics.COMMITS_FENCED.labels(self.app.conf.id).inc(len(refused))
-            log.warning("commit fenced: partitions belong to another member now",
-                        extra={"member": self.member_id, "generation": self._generation,
-                               "partitions": ",".join(sorted(f"{tp.topic}/{tp.partition}" for tp in refused))})
+            note(WARNING, "commit fenced: partitions belong to another member now",
+                        member=self.member_id, generation=self._generation,
+                               partitions=",".join(sorted(f"{tp.topic}/{tp.partition}" for tp in refused)))
             self._needs_rebalance.set()
             return False
         return True
@@ -430,8 +429,8 @@ class Consumer(base.Consumer):
                 # written before the position moves past them: a failed write re-reads them
                 await quarantine(client, self.transport.keys, DEAD_LETTER_SOURCE, key, bad)
                 metrics.CORRUPT.labels(tp.topic).inc(len(bad))
-                log.warning("corrupt records dead-lettered", extra={"topic": tp.topic, "partition": tp.partition,
-                                                                     "records": len(bad), "reason": str(bad[0][1])})
+                note(WARNING, "corrupt records dead-lettered", topic=tp.topic, partition=tp.partition,
+                                                                     records=len(bad), reason=str(bad[0][1]))
             if self._seeks[tp] != seeks[tp]:
                 continue
             self._positions[tp] = position
@@ -443,8 +442,9 @@ class Consumer(base.Consumer):
 
     def _message(self, tp: TP, offset: int, fields: dict[bytes, bytes], generation: int) -> ConsumerMessage:
         try:
-            if fields[b"c"] != CODEC_VERSION:
-                raise CorruptEntry(f"unknown record codec version {fields[b'c']!r}")
+            version = fields.get(b"c")
+            if version != CODEC_VERSION:
+                raise CorruptEntry(f"not a record of codec version {CODEC_VERSION.decode()} (c={version!r})")
             value = None if fields.get(b"n") == b"v" else fields[b"v"]
             raw_headers = fields.get(b"h")
             return ConsumerMessage(
@@ -454,5 +454,7 @@ class Consumer(base.Consumer):
             )
         except CorruptEntry:
             raise
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptEntry(f"undecodable record: {exc!r}") from None
+        except KeyError as exc:
+            raise CorruptEntry(f"record without its {exc.args[0]!r} field") from None
+        except (ValueError, TypeError) as exc:
+            raise CorruptEntry(f"undecodable record: {exc}") from None

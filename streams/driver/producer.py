@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Mapping
@@ -28,13 +27,13 @@ from mode import Seconds, Service
 from redis.asyncio.cluster import RedisCluster
 
 from streams.codec import CODEC_VERSION, EncodedRecord, encode_record
+from streams.driver.logs import ERROR, INFO, WARNING, note
 from streams.errors import StreamsError, StreamUnavailable, translated
 from streams.partition import partition_for
 
 if TYPE_CHECKING:
     from streams.driver.transport import Transport
 
-log = logging.getLogger("tickwave.driver")
 
 _APPEND_LUA = files("streams").joinpath("append_records.lua").read_text()
 MAX_BATCH = 5000
@@ -77,7 +76,7 @@ class Producer(base.Producer):
             await asyncio.wait_for(self.flush(), timeout)
         except asyncio.TimeoutError:
             left = len(self._queue)
-            log.error("producer stopped with records not written", extra={"records": left, "timeout_s": timeout})
+            note(ERROR, "producer stopped with records not written", records=left, timeout_s=timeout)
             for queued in self._queue:
                 if not queued.future.done():
                     queued.future.set_exception(ProducerSendError("producer stopped before Redis took the record"))
@@ -164,18 +163,18 @@ class Producer(base.Producer):
                 self._queue.extendleft(reversed(batch))
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    log.warning("redis unavailable, holding records", extra={"error": str(exc), "records": len(self._queue)})
+                    note(WARNING, "redis unavailable, holding records", error=str(exc), records=len(self._queue))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             except (StreamsError, rex.RedisError) as exc:
-                log.error("records refused by redis", extra={"error": str(exc), "records": len(batch)})
+                note(ERROR, "records refused by redis", error=str(exc), records=len(batch))
                 for q in batch:
                     if not q.future.done():
                         q.future.set_exception(ProducerSendError(f"Redis refused the record: {exc}"))
                 continue
             if failing_since is not None:
-                log.info("redis back, records written", extra={"held_s": round(time.monotonic() - failing_since, 1)})
+                note(INFO, "redis back, records written", held_s=round(time.monotonic() - failing_since, 1))
                 failing_since, backoff = None, 0.05
 
     async def _write(self, batch: list[_Queued]) -> None:
@@ -253,10 +252,10 @@ class Producer(base.Producer):
             try:
                 removed = await self.transport.topics.trim_expired(sorted(self._written))
             except (StreamsError, rex.RedisError) as exc:
-                log.warning("retention trim failed", extra={"error": str(exc)})
+                note(WARNING, "retention trim failed", error=str(exc))
             else:
                 if removed:
-                    log.info("retention trimmed", extra={"entries": removed})
+                    note(INFO, "retention trimmed", entries=removed)
 
     # --- topics and partitions ----------------------------------------------
     async def create_topic(

@@ -8,7 +8,6 @@ so a keyed message lands on the same partition whoever sends it.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ from faust.types import TP
 
 from streams.codec import id_to_offset, offset_to_id
 from streams.connection import AnyRedis, execute
+from streams.driver.logs import WARNING, note
 from streams.errors import StreamsError, translated
 from streams.keys import Keys
 
-log = logging.getLogger("tickwave.driver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +88,7 @@ class Topics:
         self._settings.pop(topic, None)
         settings = (await self.ensure([topic], partitions=partitions, retention_ms=retention_ms, maxlen=maxlen))[topic]
         if settings.partitions != partitions:
-            log.warning("topic exists with other settings", extra={
-                "topic": topic, "partitions": settings.partitions, "asked": partitions})
+            note(WARNING, "topic exists with other settings", topic=topic, partitions=settings.partitions, asked=partitions)
         return settings
 
     def stream(self, tp: TP) -> str:

@@ -10,7 +10,6 @@ naming the parameter.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,11 +25,11 @@ from streams.connection import AnyRedis, connect
 from streams.driver.consumer import Consumer
 from streams.driver.producer import Producer
 from streams.driver.topics import Topics, TopicSettings
+from streams.driver.logs import WARNING, note
 from streams.errors import BadKey, StreamsError, StreamUnavailable, translated
 from streams.keys import DEFAULT_PREFIX, Keys, check_name
 from streams.partition import partition_for
 
-log = logging.getLogger("tickwave.driver")
 
 SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 
@@ -161,7 +160,7 @@ class Transport(base.Transport):
                     raise StreamUnavailable(
                         f"Redis at {self.options.redis_url} did not answer within "
                         f"{self.options.connect_timeout:g} s: {exc}") from None
-                log.warning("waiting for redis", extra={"url": self.options.redis_url, "error": str(exc)})
+                note(WARNING, "waiting for redis", url=self.options.redis_url, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

@@ -233,3 +233,12 @@ async def test_a_round_waits_for_every_live_member_and_one_of_them_leads(redis, 
     assert (await a.sync(ra.round)).payload == [b"x"]
     await a.leave()
     assert (await b.heartbeat()).round == rb.round + 1, "a clean leave did not start a round at once"
+
+
+async def test_a_length_capped_topic_is_trimmed_on_append(producer, redis, keys):
+    await producer.create_topic("capped", 1, 1, config={"redis.maxlen": 200})
+    for i in range(2000):
+        await producer.send("capped", None, str(i).encode(), 0, None, None)
+    await producer.flush()
+    length = await redis.xlen(keys.topic_partition("capped", 0))
+    assert 200 <= length < 400, f"{length} entries kept for a cap of 200 (MAXLEN ~ trims whole nodes)"

@@ -242,3 +242,15 @@ async def test_a_length_capped_topic_is_trimmed_on_append(producer, redis, keys)
     await producer.flush()
     length = await redis.xlen(keys.topic_partition("capped", 0))
     assert 200 <= length < 400, f"{length} entries kept for a cap of 200 (MAXLEN ~ trims whole nodes)"
+
+
+async def test_a_client_only_app_reads_every_partition_without_joining_the_group(redis_url, keys, redis):
+    app = make_app(broker_url(redis_url, keys))
+    await app.start_client()
+    try:
+        await app.consumer.subscribe(["replies"])
+        assert app.consumer.assignment() == {TP("replies", p) for p in range(8)}
+        await asyncio.sleep(1.5)  # a heartbeat or two
+        assert await redis.zrange(keys.group("drivertest", "members"), 0, -1) == []
+    finally:
+        await app.stop()

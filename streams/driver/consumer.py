@@ -133,7 +133,13 @@ class Consumer(base.Consumer):
     async def subscribe(self, topics: Iterable[str]) -> None:
         """Subscribe to topics (created as Kafka would auto-create them); starts a rebalance."""
         names = frozenset(topics)
-        await self.transport.topics.ensure(sorted(names))
+        settings = await self.transport.topics.ensure(sorted(names))
+        if self.app.client_only:
+            # a client (faust's start_client, for agent replies) reads everything from the end
+            # and never joins the group: it would take partitions from the workers
+            self._subscription = names
+            self._assigned = {TP(t, p) for t, s in settings.items() for p in range(s.partitions)}
+            return
         if names != self._subscription:
             self._subscription = names
             self._subscription_changed = True
@@ -267,13 +273,13 @@ class Consumer(base.Consumer):
         tps = [tp for tp in tps if tp not in self._positions]
         if not tps:
             return
-        committed = await self.group.committed(tps)
+        committed = {} if self.app.client_only else await self.group.committed(tps)
         marks = await self.transport.topics.watermarks(tps)
-        latest = self.app.conf.consumer_auto_offset_reset == "latest"
+        latest = self.app.client_only or self.app.conf.consumer_auto_offset_reset == "latest"
         for tp in tps:
             low, high = marks[tp]
             self._highwaters[tp] = high
-            offset = committed[tp]
+            offset = committed.get(tp)
             if offset is None or not low <= offset <= high:
                 offset = high if latest else low
             self._positions[tp] = offset

@@ -20,7 +20,6 @@ import asyncio
 import os
 import secrets
 import socket
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -36,7 +35,7 @@ from streams.codec import CODEC_VERSION, decode_headers
 from streams.deadletter import quarantine
 from streams.driver import metrics
 from streams.driver.group import Group, Reply
-from streams.driver.logs import INFO, WARNING, note
+from streams.driver.logs import INFO, WARNING, Streak, note
 from streams.errors import CorruptEntry, StreamUnavailable, translated
 
 if TYPE_CHECKING:
@@ -55,25 +54,6 @@ class _Cluster:
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         n = self._partitions.get(topic)
         return set(range(n)) if n else None
-
-
-class _Streak:
-    """Log a failure once when it starts and once when it ends, not on every retry."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.since: float | None = None
-
-    def failed(self, exc: Exception) -> float:
-        if self.since is None:
-            self.since = time.monotonic()
-            note(WARNING, f"{self.what} failing, retrying", error=str(exc))
-        return min(2.0, 0.05 * 2 ** min(6, int(time.monotonic() - self.since)))
-
-    def ok(self) -> None:
-        if self.since is not None:
-            note(INFO, f"{self.what} recovered", after_s=round(time.monotonic() - self.since, 1))
-            self.since = None
 
 
 class Consumer(base.Consumer):
@@ -97,7 +77,7 @@ class Consumer(base.Consumer):
         self._joined_round = -1
         self._generation = 0
         self._group: Group | None = None
-        self._fetch_streak = _Streak("fetch")
+        self._fetch_streak = Streak("fetch")
 
     # --- lifecycle -------------------------------------------------------------
     @property
@@ -156,7 +136,7 @@ class Consumer(base.Consumer):
     # --- membership --------------------------------------------------------------
     @Service.task
     async def _heartbeats(self) -> None:
-        streak = _Streak("group heartbeat")
+        streak = Streak("group heartbeat")
         interval_ms = int(self.transport.options.heartbeat_interval * 1000)
         after = b"$"
         while not self.should_stop:
@@ -176,7 +156,7 @@ class Consumer(base.Consumer):
 
     @Service.task
     async def _rebalancer(self) -> None:
-        streak = _Streak("rebalance")
+        streak = Streak("rebalance")
         while not self.should_stop:
             await self._needs_rebalance.wait()
             self._needs_rebalance.clear()

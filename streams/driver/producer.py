@@ -27,7 +27,7 @@ from mode import Seconds, Service
 from redis.asyncio.cluster import RedisCluster
 
 from streams.codec import CODEC_VERSION, EncodedRecord, encode_record
-from streams.driver.logs import ERROR, INFO, WARNING, note
+from streams.driver.logs import ERROR, INFO, WARNING, Streak, note
 from streams.errors import StreamsError, StreamUnavailable, translated
 from streams.partition import partition_for
 
@@ -140,8 +140,7 @@ class Producer(base.Producer):
 
     @Service.task
     async def _flusher(self) -> None:
-        backoff = 0.05
-        failing_since: float | None = None
+        streak = Streak("producer write: records held")
         linger = max(self.linger_ms / 1000, self.transport.options.linger)
         while True:
             if not self._queue:
@@ -161,11 +160,7 @@ class Producer(base.Producer):
             except StreamUnavailable as exc:
                 # hold the batch, in order, and retry: the futures stay pending, nothing is lost
                 self._queue.extendleft(reversed(batch))
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    note(WARNING, "redis unavailable, holding records", error=str(exc), records=len(self._queue))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(streak.failed(exc, records=len(self._queue)))
                 continue
             except (StreamsError, rex.RedisError) as exc:
                 note(ERROR, "records refused by redis", error=str(exc), records=len(batch))
@@ -173,9 +168,7 @@ class Producer(base.Producer):
                     if not q.future.done():
                         q.future.set_exception(ProducerSendError(f"Redis refused the record: {exc}"))
                 continue
-            if failing_since is not None:
-                note(INFO, "redis back, records written", held_s=round(time.monotonic() - failing_since, 1))
-                failing_since, backoff = None, 0.05
+            streak.ok()
 
     async def _write(self, batch: list[_Queued]) -> None:
         groups: dict[tuple[str, int], list[_Queued]] = {}

@@ -28,6 +28,7 @@ from streams.errors import StreamUnavailable
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
+from streams.topics import declare
 
 log = logging.getLogger("tickwave.ingest")
 
@@ -42,13 +43,7 @@ FETCH_LATENCY = Histogram("tickwave_ingest_fetch_seconds", "Time to get one batc
 
 async def topic_partitions(client: AnyRedis, keys: Keys, topic: str, default: int) -> int:
     """The topic's partition count as stored in Redis (set to `default` by the first caller)."""
-    meta = keys.topic_meta(topic)
-    pipe = client.pipeline(transaction=False)
-    pipe.hsetnx(meta, "partitions", default)
-    pipe.hget(meta, "partitions")
-    pipe.sadd(keys.topics(), topic)
-    _, stored, _ = await execute(pipe, f"partitions of {topic}")
-    return int(stored)
+    return (await declare(client, keys, [topic], partitions=default))[topic].partitions
 
 
 @dataclass

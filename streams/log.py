@@ -98,20 +98,26 @@ class PartitionLog:
 
     async def bounds(self, partition: int) -> tuple[int, int]:
         """(earliest offset still kept, next offset to be written): Kafka's low/high watermarks."""
-        key = self.stream_key(partition)
         pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(key, count=1)
-        pipe.xrevrange(key, count=1)
-        pipe.get(self.keys.topic_sequence(self.topic, partition))
-        first, last, seq = await execute(pipe, f"bounds of {key}")
-        if seq is not None:
-            high = int(seq)
-        else:  # counter not written yet: derive it as the append script would
-            high = id_to_offset(last[0][0]) + 1 if last else 0
-        return (id_to_offset(first[0][0]) if first else high), high
+        queue_bounds(pipe, self.keys, self.topic, partition)
+        return read_bounds(*await execute(pipe, f"bounds of {self.stream_key(partition)}"))
 
 
+def queue_bounds(pipe: Any, keys: Keys, topic: str, partition: int) -> None:
+    """Queue on `pipe` the three reads `read_bounds` needs for one partition."""
+    key = keys.topic_partition(topic, partition)
+    pipe.xrange(key, count=1)
+    pipe.xrevrange(key, count=1)
+    pipe.get(keys.topic_sequence(topic, partition))
 
+
+def read_bounds(first: list[RawEntry], last: list[RawEntry], seq: bytes | None) -> tuple[int, int]:
+    """(earliest, next offset) from the replies to `queue_bounds`."""
+    if seq is not None:
+        high = int(seq)
+    else:  # counter not written yet: derive it as the append script would
+        high = id_to_offset(last[0][0]) + 1 if last else 0
+    return (id_to_offset(first[0][0]) if first else high), high
 
 
 async def append_timed(
@@ -149,4 +155,4 @@ async def read_after(
     with translated(f"range {key}"):
         return cast(list[RawEntry], list(await client.xrange(key, min=low, max=until_id or "+", count=count) or []))
 
-__all__ = ["PartitionLog", "RawEntry", "append_timed", "encode_record", "read_after"]
+__all__ = ["PartitionLog", "RawEntry", "append_timed", "encode_record", "queue_bounds", "read_after", "read_bounds"]

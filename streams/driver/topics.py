@@ -1,16 +1,13 @@
-"""Topics as Redis data: partition counts and retention in a meta hash, watermarks, trimming.
-
-A topic's settings live in `<prefix>tmeta:{topic}` (field `partitions`, set
-once by the first writer, as ingest does; `retention_ms`, `maxlen`) and its
-name in the `<prefix>topics` set. Every producer reads the count from there,
-so a keyed message lands on the same partition whoever sends it.
+"""The driver's view of topics: settings cached per process (see streams.topics, where every
+writer declares them), watermarks of many partitions at once, and retention trimming.
+Every producer reads the partition count from Redis, so a keyed message lands on the same
+partition whoever sends it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, cast
 
 from faust.types import TP
@@ -20,14 +17,9 @@ from streams.connection import AnyRedis, execute
 from streams.driver.logs import WARNING, note
 from streams.errors import StreamsError, translated
 from streams.keys import Keys
+from streams.topics import TopicSettings, declare
+from streams.log import queue_bounds, read_bounds
 
-
-
-@dataclass(frozen=True, slots=True)
-class TopicSettings:
-    partitions: int
-    retention_ms: int = 0  # 0: kept until trimmed by length, or forever
-    maxlen: int = 0  # 0: no length cap; else MAXLEN ~ on every append
 
 
 class Topics:
@@ -53,35 +45,10 @@ class Topics:
         auto-create): one pipelined round trip for all of them."""
         topics = list(topics)
         names = [t for t in dict.fromkeys(topics) if t not in self._settings]
-        if names:
-            pipe = self.client.pipeline(transaction=False)
-            for topic in names:
-                meta = self.keys.topic_meta(topic)
-                pipe.hsetnx(meta, "partitions", partitions or self.default_partitions)
-                if retention_ms:
-                    pipe.hsetnx(meta, "retention_ms", retention_ms)
-                if maxlen:
-                    pipe.hsetnx(meta, "maxlen", maxlen)
-                pipe.hgetall(meta)
-                pipe.sadd(self.keys.topics(), topic)
-            replies = await execute(pipe, "declare topics")
-            step = 3 + bool(retention_ms) + bool(maxlen)
-            for i, topic in enumerate(names):
-                self._settings[topic] = self._parse(topic, replies[i * step + step - 2])
+        self._settings.update(await declare(
+            self.client, self.keys, names, partitions=partitions or self.default_partitions,
+            retention_ms=retention_ms, maxlen=maxlen))
         return {t: self._settings[t] for t in topics}
-
-    def _parse(self, topic: str, meta: Mapping[bytes, bytes]) -> TopicSettings:
-        try:
-            settings = TopicSettings(
-                partitions=int(meta[b"partitions"]),
-                retention_ms=int(meta.get(b"retention_ms", 0)),
-                maxlen=int(meta.get(b"maxlen", 0)),
-            )
-        except (KeyError, ValueError) as exc:
-            raise StreamsError(f"topic {topic!r} has unreadable settings in Redis: {exc}") from None
-        if settings.partitions < 1:
-            raise StreamsError(f"topic {topic!r} has {settings.partitions} partitions in Redis")
-        return settings
 
     async def create(self, topic: str, partitions: int, *, retention_ms: int = 0, maxlen: int = 0) -> TopicSettings:
         """Declare a topic; an existing one keeps its settings (logged when they differ)."""
@@ -101,15 +68,9 @@ class Topics:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for tp in tps:
-            pipe.xrange(self.stream(tp), count=1)
-            pipe.get(self.keys.topic_sequence(tp.topic, tp.partition))
+            queue_bounds(pipe, self.keys, tp.topic, tp.partition)
         replies = await execute(pipe, "watermarks")
-        out: dict[TP, tuple[int, int]] = {}
-        for i, tp in enumerate(tps):
-            first, seq = replies[2 * i], replies[2 * i + 1]
-            high = int(seq) if seq is not None else 0
-            out[tp] = (id_to_offset(first[0][0]) if first else high, high)
-        return out
+        return {tp: read_bounds(*replies[3 * i:3 * i + 3]) for i, tp in enumerate(tps)}
 
     async def trim_expired(self, topics: Iterable[str], *, now_ms: int | None = None, page: int = 500) -> int:
         """Drop entries older than each topic's retention (MINID on the first young entry);

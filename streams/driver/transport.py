@@ -24,11 +24,12 @@ from yarl import URL
 from streams.connection import AnyRedis, connect
 from streams.driver.consumer import Consumer
 from streams.driver.producer import Producer
-from streams.driver.topics import Topics, TopicSettings
+from streams.driver.topics import Topics
 from streams.driver.logs import WARNING, note
 from streams.errors import BadKey, StreamsError, StreamUnavailable, translated
 from streams.keys import DEFAULT_PREFIX, Keys, check_name
 from streams.partition import partition_for
+from streams.topics import TopicSettings
 
 
 SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")

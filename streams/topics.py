@@ -1,0 +1,56 @@
+"""A topic's settings in Redis: `<prefix>tmeta:{topic}` (partitions, retention_ms, maxlen),
+set by the first declaration and never changed, and the `<prefix>topics` set of names.
+Ingest and the faust driver both declare through `declare`, so every writer agrees."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from streams.connection import AnyRedis, execute
+from streams.errors import StreamsError
+from streams.keys import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSettings:
+    partitions: int
+    retention_ms: int = 0  # 0: kept until trimmed by length, or forever
+    maxlen: int = 0  # 0: no length cap; else MAXLEN ~ on every append
+
+
+async def declare(
+    client: AnyRedis, keys: Keys, topics: Sequence[str], *, partitions: int,
+    retention_ms: int = 0, maxlen: int = 0,
+) -> dict[str, TopicSettings]:
+    """Settings of each topic, creating the missing ones with these (first writer wins,
+    like Kafka's auto-create): one pipelined round trip for all of them."""
+    if not topics:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for topic in topics:
+        meta = keys.topic_meta(topic)
+        pipe.hsetnx(meta, "partitions", partitions)
+        if retention_ms:
+            pipe.hsetnx(meta, "retention_ms", retention_ms)
+        if maxlen:
+            pipe.hsetnx(meta, "maxlen", maxlen)
+        pipe.hgetall(meta)
+        pipe.sadd(keys.topics(), topic)
+    replies = await execute(pipe, "declare topics")
+    step = 3 + bool(retention_ms) + bool(maxlen)
+    return {topic: _parse(topic, replies[i * step + step - 2]) for i, topic in enumerate(topics)}
+
+
+def _parse(topic: str, meta: Mapping[bytes, bytes]) -> TopicSettings:
+    try:
+        settings = TopicSettings(
+            partitions=int(meta[b"partitions"]),
+            retention_ms=int(meta.get(b"retention_ms", 0)),
+            maxlen=int(meta.get(b"maxlen", 0)),
+        )
+    except (KeyError, ValueError) as exc:
+        raise StreamsError(f"topic {topic!r} has unreadable settings in Redis: {exc}") from None
+    if settings.partitions < 1:
+        raise StreamsError(f"topic {topic!r} has {settings.partitions} partitions in Redis")
+    return settings

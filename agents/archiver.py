@@ -12,16 +12,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis.exceptions as rex
 from prometheus_client import Counter, Gauge
 
-from agents.errors import ArchiveUnavailable
-from agents.archive_store import ArchiveRow, ArchiveStore, row_from_entry
 from streams import groups
+from streams.archive import ArchiveRow, ArchiveStore, row_from_entry
+from streams.codec import parse_id
 from streams.connection import AnyRedis
 from streams.deadletter import dead_letter
-from streams.errors import CorruptEntry, StreamUnavailable
-from streams.events import EventLog, parse_id
+from streams.errors import (
+    ArchiveUnavailable,
+    CorruptEntry,
+    NoGroup,
+    StreamUnavailable,
+    translated,
+)
+from streams.events import EventLog
 from streams.keys import Keys
 
 log = logging.getLogger("tickwave.archiver")
@@ -140,27 +145,32 @@ class Archiver:
         """Lag in entries (undelivered + pending) and seconds (age of the oldest unarchived event)."""
         now_ms = time.time() * 1000
         for key, strategy in self._streams.items():
-            info = next((g for g in await self.client.xinfo_groups(key)
-                         if g.get("name") in (self.group, self.group.encode())), None)
-            if info is None:
-                continue
-            pending = int(info.get("pending") or 0)
-            last = info.get("last-delivered-id") or b"0-0"
-            last = last.decode() if isinstance(last, bytes) else str(last)
-            if pending:
-                oldest = (await self.client.xpending(key, self.group))["min"]
-            else:
-                after = await self.client.xrange(key, min=f"({last}", count=1)
-                oldest = after[0][0] if after else None
-            lag = info.get("lag")
-            if lag is None:  # Redis 6.2 does not report it
-                lag = len(await self.client.xrange(key, min=f"({last}", count=10_000) or [])
-            LAG_ENTRIES.labels(strategy).set(int(lag) + pending)
-            if oldest is None:
-                LAG_SECONDS.labels(strategy).set(0)
-            else:
-                ms, _ = parse_id(oldest.decode() if isinstance(oldest, bytes) else str(oldest))
-                LAG_SECONDS.labels(strategy).set(max(0.0, (now_ms - ms) / 1000))
+            with translated(f"archive lag of {key}"):
+                await self._update_lag_of(key, strategy, now_ms)
+
+    async def _update_lag_of(self, key: str, strategy: str, now_ms: float) -> None:
+        """One stream's lag gauges."""
+        info = next((g for g in await self.client.xinfo_groups(key)
+                     if g.get("name") in (self.group, self.group.encode())), None)
+        if info is None:
+            return
+        pending = int(info.get("pending") or 0)
+        last = info.get("last-delivered-id") or b"0-0"
+        last = last.decode() if isinstance(last, bytes) else str(last)
+        if pending:
+            oldest = (await self.client.xpending(key, self.group))["min"]
+        else:
+            after = await self.client.xrange(key, min=f"({last}", count=1)
+            oldest = after[0][0] if after else None
+        lag = info.get("lag")
+        if lag is None:  # Redis 6.2 does not report it
+            lag = len(await self.client.xrange(key, min=f"({last}", count=10_000) or [])
+        LAG_ENTRIES.labels(strategy).set(int(lag) + pending)
+        if oldest is None:
+            LAG_SECONDS.labels(strategy).set(0)
+        else:
+            ms, _ = parse_id(oldest.decode() if isinstance(oldest, bytes) else str(oldest))
+            LAG_SECONDS.labels(strategy).set(max(0.0, (now_ms - ms) / 1000))
 
     async def run(self, stop: asyncio.Event) -> ArchiverStats:
         """Archive until `stop` is set; a batch in flight is finished (written and acked) first."""
@@ -190,13 +200,11 @@ class Archiver:
                 backoff = 0.5
             except asyncio.TimeoutError:
                 continue
-            except rex.ResponseError as exc:
-                if "NOGROUP" in str(exc):  # a stream was deleted and recreated: groups go with it
-                    log.warning("consumer group vanished; recreating", extra={"error": str(exc)})
-                    self._streams.clear()
-                    recovered = False
-                    continue
-                raise
+            except NoGroup as exc:  # a stream was deleted and recreated: groups go with it
+                log.warning("consumer group vanished; recreating", extra={"error": str(exc)})
+                self._streams.clear()
+                recovered = False
+                continue
             except (StreamUnavailable, ArchiveUnavailable, OSError) as exc:
                 log.warning("redis or postgres unavailable; retrying", extra={"error": str(exc), "retry_in_s": backoff})
                 await asyncio.sleep(backoff)

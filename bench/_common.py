@@ -25,7 +25,7 @@ async def scratch_schema(database_url: str) -> AsyncIterator[str]:
     """A DSN into a fresh schema with the migrations applied, dropped afterwards."""
     import asyncpg
 
-    from agents.db import upgrade
+    from streams.pg import upgrade
 
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(database_url)

@@ -13,16 +13,24 @@ import asyncio
 import statistics
 import time
 
-from agents.archive_store import ArchiveStore, row_from_fields
 from agents.archiver import Archiver
-from agents.db import create_pool
 from agents.generator import PriceWalk
-from agents.history import history
 from agents.universe import pick
-from bench._common import Timer, database_url, drop_prefix, fresh_keys, line, redis_url, scratch_schema
+from bench._common import (
+    Timer,
+    database_url,
+    drop_prefix,
+    fresh_keys,
+    line,
+    redis_url,
+    scratch_schema,
+)
+from streams.archive import ArchiveStore, row_from_fields
 from streams.codec import encode_event
 from streams.connection import connect
 from streams.events import EventLog
+from streams.history import history
+from streams.pg import create_pool
 
 
 def make_events(n: int, strategy: str = "bench") -> list:  # type: ignore[type-arg]

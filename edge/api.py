@@ -10,10 +10,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agents.history import history
-from edge.frames import price_item
 from edge.state import state_key
-from streams.events import parse_id
+from schemas.messages import price_row
+from streams.codec import parse_id
+from streams.history import history
 from streams.keys import check_name
 
 PAGE = 1000
@@ -39,7 +39,7 @@ async def strategies(request: web.Request) -> web.Response:
     for name in await st.events.strategies():
         out.append({"strategy": name, "epoch": await st.events.epoch(name),
                     "latest_event_id": await st.events.latest_id(name),
-                    "events_in_redis": int(await st.client.xlen(st.events.stream_key(name)))})
+                    "events_in_redis": await st.events.length(name)})
     return web.json_response({"strategies": out, "count": len(out)})
 
 
@@ -49,7 +49,7 @@ async def snapshot(request: web.Request) -> web.Response:
     epoch = await st.events.epoch(name)
     if epoch is None:
         return error(404, f"unknown strategy {name!r}")
-    rows = [price_item(s.id, json.loads(s.fields[b"e"])) for s in await st.events.snapshot(name)]
+    rows = [price_row(s.id, s.doc()) for s in await st.events.snapshot(name)]
     return web.json_response({"strategy": name, "epoch": epoch, "data": rows, "count": len(rows)})
 
 
@@ -96,9 +96,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     while True:
         chunk = []
         for stored in page.events[: limit - sent]:
-            doc = json.loads(stored.fields[b"e"])
+            doc = stored.doc()
             doc["event_id"] = stored.id
-            doc["kind"] = stored.kind.decode()
+            doc["kind"] = stored.kind
             if fmt == "ndjson":
                 chunk.append(json.dumps(doc, ensure_ascii=False))
             elif doc["kind"] == "price":
@@ -128,7 +128,7 @@ async def readyz(request: web.Request) -> web.Response:
     st = request.app[state_key]
     checks: dict[str, Any] = {}
     try:
-        await st.client.ping()
+        await st.events.ping()
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["redis"] = f"unreachable: {exc}"

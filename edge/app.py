@@ -8,18 +8,18 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from agents.archive_store import ArchiveStore
-from agents.db import create_pool
 from edge import api
 from edge.auth import TokenVerifier
 from edge.hub import Hub
 from edge.limits import AddressCounter
+from edge.settings import EdgeSettings
 from edge.state import EdgeState, state_key
 from edge.ws import websocket
+from streams.archive import ArchiveStore
 from streams.connection import connect
 from streams.events import EventLog
 from streams.keys import Keys
-from tickwave.settings import EdgeSettings
+from streams.pg import create_pool
 
 log = logging.getLogger("tickwave.edge")
 STATIC = Path(__file__).parent / "static"

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,31 @@ class Outgoing:
     ingest_ms: float | None = None
     # set for price updates, so they can be conflated: (target, epoch, rows)
     prices: tuple[str, str | None, list[dict[str, Any]]] | None = None
+
+
+def conflate(queue: Iterable[Outgoing]) -> deque[Outgoing]:
+    """Control frames and replays kept in order; every queued live price update collapsed into
+    one frame per target at the end, holding the latest row per stock (in order of recency)."""
+    latest: dict[str, dict[str, dict[str, Any]]] = {}
+    epochs: dict[str, str | None] = {}
+    ingest: dict[str, float | None] = {}
+    kept: deque[Outgoing] = deque()
+    for item in queue:
+        if item.prices is None or item.kind == "replay":
+            kept.append(item)
+            continue
+        target, epoch, rows = item.prices
+        per_stock = latest.setdefault(target, {})
+        for row in rows:
+            per_stock.pop(row["ts_code"], None)  # re-insert: dict order follows recency
+            per_stock[row["ts_code"]] = row
+        epochs[target] = epoch
+        ingest[target] = item.ingest_ms if ingest.get(target) is None else ingest[target]
+    for target, rows_by_code in latest.items():
+        rows = list(rows_by_code.values())
+        kept.append(Outgoing(price_update(target, epochs[target], rows), "price_update",
+                             ingest[target], (target, epochs[target], rows)))
+    return kept
 
 
 @dataclass
@@ -102,28 +128,8 @@ class Sender:
         self._wake.set()
 
     def _conflate(self) -> None:
-        """Keep control frames in order; collapse every queued price update into the latest row per stock."""
-        latest: dict[str, dict[str, dict[str, Any]]] = {}
-        epochs: dict[str, str | None] = {}
-        ingest: dict[str, float | None] = {}
-        kept: deque[Outgoing] = deque()
-        for item in self.queue:
-            if item.prices is None or item.kind == "replay":
-                kept.append(item)
-                continue
-            target, epoch, rows = item.prices
-            per_stock = latest.setdefault(target, {})
-            for row in rows:
-                per_stock.pop(row["ts_code"], None)  # re-insert: dict order follows recency
-                per_stock[row["ts_code"]] = row
-            epochs[target] = epoch
-            ingest[target] = item.ingest_ms if ingest.get(target) is None else ingest[target]
-        for target, rows_by_code in latest.items():
-            rows = list(rows_by_code.values())
-            kept.append(Outgoing(price_update(target, epochs[target], rows), "price_update",
-                                 ingest[target], (target, epochs[target], rows)))
-        self.queue = kept
-        self.queued_bytes = sum(len(i.text) for i in kept)
+        self.queue = conflate(self.queue)
+        self.queued_bytes = sum(len(i.text) for i in self.queue)
         self.conflations += 1
         metrics.CONFLATIONS.inc()
         if self.backlog() > self.cap_bytes or self.conflations > MAX_CONFLATIONS_WITHOUT_DRAIN:

@@ -1,8 +1,8 @@
 """Outbound frames as JSON text, built straight from stored event bytes on the hot path.
 
 The events were validated when appended; here they are only reshaped into the
-old client's `price_update` rows. Field names match schemas.messages.PriceItem
-(a test checks that every frame built here validates against the model).
+old client's `price_update` rows by schemas.messages.price_row (a test checks that
+every frame built here validates against the models).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from streams.events import StoredEvent
+from schemas.messages import price_row
+from streams.codec import StoredEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,23 +30,6 @@ class Batch:
     prices: tuple[dict[str, Any], ...]  # PriceItem dicts; each carries its event_id
     signals: tuple[tuple[str, dict[str, Any]], ...]  # (id, SignalChange dict)
     ingest_ms: float | None  # oldest ingest time in the batch, for push latency
-
-
-def price_item(event_id: str, doc: dict[str, Any]) -> dict[str, Any]:
-    code = doc["ts_code"]
-    return {
-        "code": code.split(".", 1)[0],
-        "ts_code": code,
-        "name": doc.get("name", ""),
-        "price": doc["price"],
-        "change": doc["change"],
-        "change_percent": doc["change_percent"],
-        "volume": doc.get("volume", 0),
-        "timestamp": doc["tick_time"],
-        "event_id": event_id,
-        "signal_price": doc.get("signal_price"),
-        "change_since_signal_percent": doc.get("change_since_signal_percent"),
-    }
 
 
 def _ingest_ms(doc: dict[str, Any]) -> float | None:
@@ -64,10 +48,9 @@ def batch_of(
     bad = 0
     for stored in events:
         try:
-            fields = stored.fields
-            doc = orjson.loads(fields[b"e"])
-            if fields[b"y"] == b"price":
-                prices.append(price_item(stored.id, doc))
+            doc = stored.doc()
+            if stored.is_price:
+                prices.append(price_row(stored.id, doc))
                 ms = _ingest_ms(doc) if latency else None
                 if ms is not None and (oldest is None or ms < oldest):
                     oldest = ms

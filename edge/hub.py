@@ -11,74 +11,22 @@ import asyncio
 import logging
 import time
 from typing import cast
-from dataclasses import dataclass, field
-
-import redis.exceptions as rex
 
 from edge import metrics
-from edge.conn import Outgoing, Sender
-from edge.frames import Batch, batch_of, price_update, signal_update
+from edge.conn import Outgoing
+from edge.frames import batch_of, price_update
+from edge.subscription import Subscription, outgoing
 from schemas.events import Tick
-from schemas.market import percent_change
+from schemas.messages import price_row, quote_doc
 from streams import groups
-from streams.codec import CorruptEntry, decode_record
+from streams.codec import decode_record, lazy
 from streams.connection import AnyRedis
-from streams.errors import StreamUnavailable, translated
-from streams.events import EventLog, lazy, parse_id
+from streams.errors import CorruptEntry, NoGroup, StreamUnavailable, translated
+from streams.events import EventLog
 from streams.keys import Keys
 from streams.partition import partition_for
 
 log = logging.getLogger("tickwave.edge")
-
-Id = tuple[int, int]
-
-
-def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
-    """The frames of a batch for one subscriber; events at or before `after` are left out."""
-    rows = list(batch.prices)
-    signals = list(batch.signals)
-    if after is not None:
-        rows = [r for r in rows if parse_id(r["event_id"]) > after]
-        signals = [(i, s) for i, s in signals if parse_id(i) > after]
-    out = []
-    if rows:
-        out.append(Outgoing(price_update(batch.target, batch.epoch, rows), "price_update", batch.ingest_ms,
-                            (batch.target, batch.epoch, rows)))
-    out += [Outgoing(signal_update(batch.target, i, s), "signal_update") for i, s in signals]
-    return out
-
-
-@dataclass(eq=False)
-class Subscription:
-    """One client's subscription to one target; buffers live events while its replay runs."""
-
-    kind: str
-    target: str
-    sender: Sender
-    seen: Id | None = None
-    code: str = ""  # the normalised ts_code of a stock subscription
-    buffering: bool = True
-    buffer: list[Batch] = field(default_factory=list)
-
-    def deliver(self, batch: Batch, shared: list[Outgoing]) -> None:
-        if self.buffering:
-            self.buffer.append(batch)
-            return
-        if self.seen is not None and parse_id(batch.last_id) <= self.seen:
-            return
-        items = shared if self.seen is None or parse_id(batch.first_id) > self.seen else outgoing(batch, self.seen)
-        for item in items:
-            self.sender.put(item)
-        self.seen = parse_id(batch.last_id)
-
-    def go_live(self, seen: Id | None) -> None:
-        """End the replay: send buffered events newer than `seen`, then deliver live."""
-        self.seen = seen
-        self.buffering = False
-        pending, self.buffer = self.buffer, []
-        for batch in pending:
-            self.deliver(batch, outgoing(batch))
-
 
 async def _stop_task(tail: StrategyTail | StockTail) -> None:
     # redis-py can turn a cancelled blocking read into a ConnectionError, which the
@@ -131,9 +79,7 @@ class StrategyTail:
                 backoff = 0.2
             except asyncio.CancelledError:
                 raise
-            except rex.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
+            except NoGroup:
                 # the stream was deleted and recreated: a new epoch, a new group
                 log.warning("stream recreated; following the new epoch", extra={"strategy": self.strategy})
                 await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="0")
@@ -203,12 +149,7 @@ class StockTail:
         except ValueError:
             metrics.REFUSALS.labels("corrupt_tick").inc()
             return
-        row = {
-            "code": code.split(".")[0], "ts_code": code, "name": tick.name, "price": tick.price,
-            "change": round(tick.price - tick.pre_close, 4), "change_percent": percent_change(tick.price, tick.pre_close),
-            "volume": tick.volume, "timestamp": tick.time.isoformat(), "event_id": eid,
-            "signal_price": None, "change_since_signal_percent": None,
-        }
+        row = price_row(eid, quote_doc(tick))
         for sub in subs:
             sub.sender.put(Outgoing(price_update(sub.target, None, [row]), "price_update",
                                     record.timestamp_ms, (sub.target, None, [row])))

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from agents.archive_store import ArchiveStore
 from edge.auth import TokenVerifier
 from edge.limits import AddressCounter
+from edge.settings import EdgeSettings
+from streams.archive import ArchiveStore
 from streams.connection import AnyRedis
 from streams.events import EventLog
 from streams.keys import Keys
-from tickwave.settings import EdgeSettings
 
 if TYPE_CHECKING:
     from edge.hub import Hub

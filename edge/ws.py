@@ -6,18 +6,14 @@ import asyncio
 import logging
 import socket
 import uuid
-from typing import Any
-
-import orjson
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agents.history import history
 from edge import metrics
 from edge.auth import OPEN, AuthError, Grant, token_from
 from edge.conn import Outgoing, Sender
-from edge.frames import batch_of, price_item, price_update
-from edge.hub import Subscription, outgoing
+from edge.frames import batch_of, price_update
+from edge.subscription import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
 from schemas.market import InvalidCode, parse_ts_code
@@ -32,10 +28,11 @@ from schemas.messages import (
     Unsubscribe,
     Unsubscribed,
     parse_client_message,
+    price_row,
 )
-from streams.events import StoredEvent, parse_id
-from agents.errors import AgentsError
+from streams.codec import parse_id
 from streams.errors import StreamsError
+from streams.history import history
 from streams.keys import check_name
 
 log = logging.getLogger("tickwave.edge")
@@ -80,7 +77,7 @@ class Session:
             elif isinstance(msg, Subscribe):
                 try:
                     return await self.subscribe(msg)
-                except (StreamsError, AgentsError) as exc:
+                except StreamsError as exc:
                     # Redis or PostgreSQL unavailable mid-subscribe: say so, keep the connection
                     await self._drop(msg)
                     log.warning("subscribe failed: store unavailable",
@@ -172,7 +169,7 @@ class Session:
         # in the snapshot and sent live (harmless), never in neither
         latest = await st.events.latest_id(sub.target)
         snap = await st.events.snapshot(sub.target)
-        rows = [price_item(s.id, _doc(s)) for s in snap]
+        rows = [price_row(s.id, s.doc()) for s in snap]
         self.sender.send(Subscribed(subscription_type=msg.subscription_type, target=sub.target, epoch=epoch,
                                     event_id=latest, id=msg.id))
         self.sender.put(Outgoing(price_update(sub.target, epoch, rows, snapshot=True), "price_update"))
@@ -196,10 +193,6 @@ class Session:
             await self.state.hub.leave(sub)
         self.subs.clear()
         await self.sender.stop()
-
-
-def _doc(stored: StoredEvent) -> dict[str, Any]:
-    return orjson.loads(stored.fields[b"e"])  # type: ignore[no-any-return]
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from schemas.base import Frozen
-from schemas.events import PriceChange, Signal
-from schemas.market import SHANGHAI
+from schemas.events import PriceChange, Signal, Tick
+from schemas.market import SHANGHAI, percent_change
 
 PROTOCOL_VERSION = 2
 SubscriptionType = Literal["strategy", "stock", "market"]
@@ -100,19 +101,36 @@ class PriceItem(Frozen):
 
     @classmethod
     def from_event(cls, event: PriceChange) -> PriceItem:
-        return cls(
-            code=event.code,
-            ts_code=event.ts_code,
-            name=event.name,
-            price=event.price,
-            change=event.change,
-            change_percent=event.change_percent,
-            volume=event.volume,
-            timestamp=event.tick_time,
-            event_id=event.event_id,
-            signal_price=event.signal_price,
-            change_since_signal_percent=event.change_since_signal_percent,
-        )
+        return cls.model_validate(price_row(event.event_id, event.model_dump(mode="json")))
+
+
+def price_row(event_id: str | None, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The `price_update` row (a PriceItem as a dict) from a PriceChange-shaped document: the
+    stored event's JSON, or a tick's quote (`quote_doc`). The one builder of price rows; the
+    hot paths use it on parsed JSON without building models."""
+    code = doc["ts_code"]
+    return {
+        "code": code.split(".", 1)[0],
+        "ts_code": code,
+        "name": doc.get("name", ""),
+        "price": doc["price"],
+        "change": doc["change"],
+        "change_percent": doc["change_percent"],
+        "volume": doc.get("volume", 0),
+        "timestamp": doc["tick_time"],
+        "event_id": event_id,
+        "signal_price": doc.get("signal_price"),
+        "change_since_signal_percent": doc.get("change_since_signal_percent"),
+    }
+
+
+def quote_doc(tick: Tick) -> dict[str, Any]:
+    """A tick as a PriceChange-shaped document with no signal: a `stock` subscription's row."""
+    return {
+        "ts_code": tick.ts_code, "name": tick.name, "price": tick.price,
+        "change": round(tick.price - tick.pre_close, 4), "change_percent": percent_change(tick.price, tick.pre_close),
+        "volume": tick.volume, "tick_time": tick.time.isoformat(),
+    }
 
 
 class PriceUpdate(ServerMessage):

@@ -17,13 +17,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from pydantic import ValidationError
 
 from schemas.events import PriceChange, SignalChange
 from streams.errors import CorruptEntry
 
 CODEC_VERSION = b"1"
-RECORD_FIELDS = (b"k", b"v", b"h", b"t", b"c")
 
 Headers = list[tuple[str, bytes]]
 Fields = Mapping[bytes, bytes]
@@ -86,21 +86,36 @@ def encode_record(
     return (key or b"", value or b"", encode_headers(headers), str(ts).encode(), b"v" if value is None else b"")
 
 
+RecordParts = tuple[bytes | None, bytes | None, Headers, int]
+
+
+def decode_record_parts(fields: Fields) -> RecordParts:
+    """(key, value, headers, timestamp ms) of one topic entry, or CorruptEntry with the reason.
+    The one decoder of topic entries: `decode_record` and the faust driver's consumer use it."""
+    version = fields.get(b"c")
+    if version != CODEC_VERSION:
+        raise CorruptEntry(f"unknown record codec version {version!r}")
+    try:
+        raw_headers = fields.get(b"h")
+        return (
+            fields[b"k"] or None,
+            None if fields.get(b"n") == b"v" else fields[b"v"],
+            decode_headers(raw_headers) if raw_headers else [],
+            int(fields[b"t"]),
+        )
+    except KeyError as exc:
+        raise CorruptEntry(f"missing field {exc.args[0]!r}") from None
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError and binascii.Error are ValueErrors
+        raise CorruptEntry(f"undecodable field: {exc}") from None
+
+
 def decode_record(entry_id: bytes | str, fields: Fields) -> Record:
     """Decode one topic entry, or raise CorruptEntry with the reason."""
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    version = fields.get(b"c")
-    if version != CODEC_VERSION:
-        raise CorruptEntry(f"unknown record codec version {version!r}", eid)
     try:
-        key = fields[b"k"] or None
-        value = None if fields.get(b"n") == b"v" else fields[b"v"]
-        headers = decode_headers(fields.get(b"h", b""))
-        ts = int(fields[b"t"])
-    except KeyError as exc:
-        raise CorruptEntry(f"missing field {exc.args[0]!r}", eid) from None
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise CorruptEntry(f"undecodable field: {exc}", eid) from None
+        key, value, headers, ts = decode_record_parts(fields)
+    except CorruptEntry as exc:
+        raise CorruptEntry(exc.reason, eid) from None
     return Record(key=key, value=value, headers=headers, timestamp_ms=ts, offset=id_to_offset(eid))
 
 
@@ -124,12 +139,28 @@ def event_type(event: Event) -> bytes:
 def encode_event(event: Event) -> dict[bytes, bytes]:
     """Fields of one event entry; the event id is the entry id, so it is not stored."""
     body = event.model_dump_json(exclude={"event_id"} if isinstance(event, PriceChange) else None)
-    return {
-        b"e": body.encode(),
-        b"y": event_type(event),
-        b"s": str(type(event).SCHEMA_VERSION).encode(),
-        b"c": CODEC_VERSION,
-    }
+    return event_fields(event_type(event), type(event).SCHEMA_VERSION, body.encode())
+
+
+def event_fields(kind: bytes, schema_version: int | bytes, body: bytes) -> dict[bytes, bytes]:
+    """Fields of an event entry from its parts (as the archive and the snapshot keep them)."""
+    version = schema_version if isinstance(schema_version, bytes) else str(schema_version).encode()
+    return {b"e": body, b"y": kind, b"s": version, b"c": CODEC_VERSION}
+
+
+def event_parts(entry_id: bytes | str, fields: Fields) -> tuple[bytes, int, bytes]:
+    """(type, schema version, JSON body) of an event entry, checked structurally, not decoded;
+    raises CorruptEntry. For paths that move event bytes without reading them (the archive)."""
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    if fields.get(b"c") != CODEC_VERSION:
+        raise CorruptEntry(f"unknown event codec version {fields.get(b'c')!r}", eid)
+    kind = fields.get(b"y", b"")
+    if kind not in _EVENT_CLASSES:
+        raise CorruptEntry(f"unknown event type {kind!r}", eid)
+    try:
+        return kind, int(fields.get(b"s", b"1")), fields[b"e"]
+    except (KeyError, ValueError) as exc:
+        raise CorruptEntry(f"undecodable event: {exc!r}", eid) from None
 
 
 def decode_event(entry_id: bytes | str, fields: Fields) -> Event:
@@ -162,3 +193,95 @@ def decode_event(entry_id: bytes | str, fields: Fields) -> Event:
         raise
     except (KeyError, ValueError, TypeError, ValidationError) as exc:
         raise CorruptEntry(f"undecodable event: {str(exc).splitlines()[0]}", eid) from None
+
+
+class StoredEvent:
+    """An event as stored: its public id and the event (a PriceChange carries the id too).
+
+    Built from raw stream fields, it decodes on first access to `.event`: history
+    and replay move thousands of events whose ids are all that is looked at on the way.
+    Its accessors (`kind`, `schema_version`, `body`, `doc`) are how code outside the
+    codec reads an entry, never the field letters.
+    """
+
+    __slots__ = ("id", "_fields", "_event")
+
+    def __init__(self, id: str, event: Event | None = None, *, fields: dict[bytes, bytes] | None = None):
+        if event is None and fields is None:
+            raise TypeError("StoredEvent needs an event or its stream fields")
+        self.id = id
+        self._event = event
+        self._fields = fields
+
+    @property
+    def event(self) -> Event:
+        """The decoded event; raises CorruptEntry if the stored fields are unreadable."""
+        if self._event is None:
+            assert self._fields is not None
+            self._event = decode_event(self.id, self._fields)
+        return self._event
+
+    @property
+    def fields(self) -> dict[bytes, bytes]:
+        """The stream fields as stored, or as the codec encodes the event."""
+        if self._fields is None:
+            self._fields = encode_event(self.event)
+        return self._fields
+
+    @property
+    def kind(self) -> str:
+        """"price" or "signal"; KeyError for an entry without a type."""
+        return self.fields[b"y"].decode()
+
+    @property
+    def is_price(self) -> bool:
+        return self.fields.get(b"y") == b"price"
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.fields.get(b"s", b"1"))
+
+    @property
+    def body(self) -> bytes:
+        """The event's JSON as stored (without the event id); KeyError when missing."""
+        return self.fields[b"e"]
+
+    def doc(self) -> dict[str, Any]:
+        """The JSON body parsed, not validated (ValueError when unreadable): the hot paths'
+        view, where a full model decode would cost more than the work itself."""
+        doc = orjson.loads(self.body)
+        if not isinstance(doc, dict):
+            raise ValueError("event body is not an object")
+        return doc
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoredEvent) and self.id == other.id and self.event == other.event
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"StoredEvent({self.id!r})"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
+    """One stream entry as a StoredEvent, decoded now; raises CorruptEntry."""
+    eid = _text(entry_id)
+    return StoredEvent(eid, decode_event(eid, fields), fields=fields)
+
+
+def lazy(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
+    """One stream entry as a StoredEvent decoded on first use."""
+    return StoredEvent(_text(entry_id), fields=fields)
+
+
+def parse_id(event_id: str) -> tuple[int, int]:
+    """`ms-seq` as a sortable pair of integers; ValueError for anything else."""
+    ms, sep, seq = event_id.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit():
+        raise ValueError(f"not a stream id: {event_id!r}")
+    return int(ms), int(seq)

@@ -1,10 +1,12 @@
-"""The streams package's error root; Redis errors are translated here and nowhere else."""
+"""The streams package's error root. Redis and asyncpg errors are translated here and
+nowhere else: code elsewhere branches on these classes, never on a reply's text."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import asyncpg
 import redis.exceptions as rex
 
 
@@ -14,6 +16,22 @@ class StreamsError(Exception):
 
 class StreamUnavailable(StreamsError):
     """Redis could not be reached or dropped the connection; retry with backoff."""
+
+
+class CommandError(StreamsError):
+    """Redis refused a command (a reply error no other class here names)."""
+
+
+class NoGroup(CommandError):
+    """The consumer group or its stream is gone: the stream was deleted and recreated."""
+
+
+class GroupExists(CommandError):
+    """XGROUP CREATE found the group already there."""
+
+
+class ScriptMissing(CommandError):
+    """EVALSHA of a script Redis no longer caches (it restarted); nothing was run."""
 
 
 class CorruptEntry(StreamsError):
@@ -29,14 +47,54 @@ class BadKey(StreamsError, ValueError):
     """A name that cannot be used inside a key (empty, too long, or holding braces)."""
 
 
+class ArchiveUnavailable(StreamsError):
+    """PostgreSQL could not be reached or dropped the connection; retry with backoff."""
+
+
+class MigrationError(StreamsError):
+    """A migration failed; the schema is left as it was before the run."""
+
+
+_UNAVAILABLE_REPLIES = ("LOADING", "BUSY ", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
+
+
+def translate(exc: BaseException, action: str) -> BaseException:
+    """The streams error for a redis-py exception (the exception itself when it is not Redis's)."""
+    if isinstance(exc, StreamsError):
+        return exc
+    if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, ConnectionError, OSError)):
+        return StreamUnavailable(f"{action}: {exc}")
+    if isinstance(exc, rex.NoScriptError):
+        return ScriptMissing(f"{action}: {exc}")
+    if isinstance(exc, rex.ResponseError):
+        text = str(exc)
+        if text.startswith(_UNAVAILABLE_REPLIES):
+            return StreamUnavailable(f"{action}: {exc}")
+        if text.startswith("NOGROUP"):
+            return NoGroup(f"{action}: {exc}")
+        if text.startswith("BUSYGROUP"):
+            return GroupExists(f"{action}: {exc}")
+        return CommandError(f"{action}: {exc}")
+    return exc
+
+
 @contextmanager
 def translated(action: str) -> Iterator[None]:
-    """Re-raise redis-py's connection errors as StreamUnavailable naming the action."""
+    """Re-raise redis-py's errors as the streams errors above, naming the action."""
     try:
         yield
-    except (rex.ConnectionError, rex.TimeoutError, ConnectionError, OSError) as exc:
-        raise StreamUnavailable(f"{action}: {exc}") from exc
-    except rex.ResponseError as exc:
-        if str(exc).startswith(("LOADING", "BUSY ", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")):
-            raise StreamUnavailable(f"{action}: {exc}") from exc
-        raise
+    except (rex.RedisError, ConnectionError, OSError) as exc:
+        mapped = translate(exc, action)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+@contextmanager
+def pg_translated(action: str) -> Iterator[None]:
+    """Connection-level asyncpg and OS errors become ArchiveUnavailable."""
+    try:
+        yield
+    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.InterfaceError) as exc:
+        raise ArchiveUnavailable(f"{action}: {exc}") from exc

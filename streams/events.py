@@ -13,87 +13,33 @@ from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any, cast
 
-from schemas.events import PriceChange, SignalChange
-from streams.codec import CODEC_VERSION, Event, decode_event, encode_event
+from schemas.events import PriceChange
+from streams.codec import (
+    CODEC_VERSION,
+    Event,
+    StoredEvent,
+    decode,
+    event_fields,
+    lazy,
+    parse_id,
+)
 from streams.connection import AnyRedis
 from streams.errors import CorruptEntry, translated
 from streams.keys import Keys, check_name
-from streams.log import RawEntry
 
-_APPEND_LUA = files("streams").joinpath("append_events.lua").read_text()
-DEFAULT_RETENTION_MS = 24 * 3600 * 1000
-
-
-class StoredEvent:
-    """An event as stored: its public id and the event (a PriceChange carries the id too).
-
-    Built from raw stream fields, it decodes on first access to `.event`: history
-    and replay move thousands of events whose ids are all that is looked at on the way.
-    """
-
-    __slots__ = ("id", "_fields", "_event")
-
-    def __init__(self, id: str, event: Event | None = None, *, fields: dict[bytes, bytes] | None = None):
-        if event is None and fields is None:
-            raise TypeError("StoredEvent needs an event or its stream fields")
-        self.id = id
-        self._event = event
-        self._fields = fields
-
-    @property
-    def event(self) -> Event:
-        """The decoded event; raises CorruptEntry if the stored fields are unreadable."""
-        if self._event is None:
-            assert self._fields is not None
-            self._event = decode_event(self.id, self._fields)
-        return self._event
-
-    @property
-    def fields(self) -> dict[bytes, bytes]:
-        """The stream fields (e, y, s, c) as stored or as the codec encodes the event."""
-        if self._fields is None:
-            self._fields = encode_event(self.event)
-        return self._fields
-
-    @property
-    def kind(self) -> bytes:
-        return self.fields[b"y"]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StoredEvent) and self.id == other.id and self.event == other.event
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    def __repr__(self) -> str:
-        return f"StoredEvent({self.id!r})"
-
-
-def parse_id(event_id: str) -> tuple[int, int]:
-    """`ms-seq` as a sortable pair of integers; ValueError for anything else."""
-    ms, sep, seq = event_id.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit():
-        raise ValueError(f"not a stream id: {event_id!r}")
-    return int(ms), int(seq)
+RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
-    """One stream entry as a StoredEvent, decoded now; raises CorruptEntry."""
-    eid = _text(entry_id)
-    return StoredEvent(eid, decode_event(eid, fields), fields=fields)
-
-
-def lazy(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
-    """One stream entry as a StoredEvent decoded on first use."""
-    return StoredEvent(_text(entry_id), fields=fields)
+_APPEND_LUA = files("streams").joinpath("append_events.lua").read_text()
+DEFAULT_RETENTION_MS = 24 * 3600 * 1000
 
 
 def _event_args(event: Event) -> list[bytes | str | int]:
-    fields = encode_event(event)
+    stored = StoredEvent("", event)  # the codec's view of the event: type, version, body
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
         snap: list[bytes | str | int] = [b"set", event.ts_code]
@@ -101,7 +47,7 @@ def _event_args(event: Event) -> list[bytes | str | int]:
         position = ["", 0]
         # a removed signal takes the stock out of the strategy's list
         snap = [b"del" if event.action == "remove" else b"", event.signal.ts_code]
-    return [*position, *snap, fields[b"y"], fields[b"s"], fields[b"e"]]
+    return [*position, *snap, stored.kind.encode(), str(stored.schema_version).encode(), stored.body]
 
 
 class EventLog:
@@ -199,9 +145,8 @@ class EventLog:
         out = []
         for value in raw.values():
             eid, version, body = value.split(b"\n", 2)
-            fields = {b"e": body, b"y": b"price", b"s": version, b"c": CODEC_VERSION}
             try:
-                out.append(decode(eid, fields))
+                out.append(decode(eid, event_fields(b"price", version, body)))
             except CorruptEntry:
                 continue  # an unreadable snapshot row is replaced by the stock's next event
         return sorted(out, key=lambda s: parse_id(s.id))
@@ -212,8 +157,15 @@ class EventLog:
             raw = await self.client.smembers(self.keys.strategies())
         return sorted(_text(s) for s in raw)
 
-    def decode(self, entry_id: bytes | str, fields: dict[bytes, bytes]) -> StoredEvent:
-        return decode(entry_id, fields)
+    async def length(self, strategy: str) -> int:
+        """Events Redis holds for the strategy now."""
+        with translated(f"length of {strategy}"):
+            return int(await self.client.xlen(self.stream_key(strategy)))
+
+    async def ping(self) -> None:
+        """Raises StreamUnavailable when Redis does not answer."""
+        with translated("ping"):
+            await self.client.ping()
 
 
-__all__ = ["EventLog", "StoredEvent", "SignalChange", "decode", "parse_id"]
+__all__ = ["EventLog", "RawEntry", "StoredEvent", "decode", "lazy", "parse_id"]

@@ -6,24 +6,20 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-import redis.exceptions as rex
-
 from streams.connection import AnyRedis, execute
-from streams.errors import translated
+from streams.errors import CommandError, GroupExists, translated
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 async def ensure_group(client: AnyRedis, key: str, group: str, start_id: str = "0") -> bool:
     """Create `group` on `key` (and the stream if missing); True if it was created now."""
-    with translated(f"create group {group} on {key}"):
-        try:
+    try:
+        with translated(f"create group {group} on {key}"):
             await client.xgroup_create(key, group, id=start_id, mkstream=True)
-            return True
-        except rex.ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
-                return False
-            raise
+        return True
+    except GroupExists:
+        return False
 
 
 async def read_group(
@@ -87,11 +83,11 @@ async def claim_idle(
 
 async def group_lag(client: AnyRedis, key: str, group: str) -> int | None:
     """Entries not yet delivered to `group` (Redis 7's lag), or None when Redis cannot tell."""
-    with translated(f"group info {key}"):
-        try:
+    try:
+        with translated(f"group info {key}"):
             groups = await client.xinfo_groups(key)
-        except rex.ResponseError:
-            return None
+    except CommandError:  # no such stream
+        return None
     for info in groups:
         name = info.get("name")
         if (name.decode() if isinstance(name, bytes) else name) == group:

@@ -1,106 +1,132 @@
-"""Topic partitions as Redis streams with dense offsets: pipelined append and range reads."""
+"""Topic partitions as Redis streams with dense offsets: the one writer of topic entries.
+
+`RecordAppender` runs streams/append_records.lua by EVALSHA, one call per
+partition, pipelined across partitions in one round trip (one partition after
+another on Redis Cluster, where each is its own slot). Ingest writes through
+`PartitionLog`, the faust driver's producer through the appender directly.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from typing import Any, cast
 
-from streams.codec import (
-    CODEC_VERSION,
-    EncodedRecord,
-    Record,
-    decode_record,
-    encode_record,
-    id_to_offset,
-    offset_to_id,
-)
 from redis.asyncio.cluster import RedisCluster
 
-from streams.connection import AnyRedis, execute
-from streams.errors import CorruptEntry, translated
+from streams.codec import CODEC_VERSION, EncodedRecord, id_to_offset
+from streams.connection import AnyRedis
+from streams.errors import ScriptMissing, StreamUnavailable, translate, translated
 from streams.keys import Keys
 
-_APPEND_LUA = files("streams").joinpath("append_records.lua").read_text()
+APPEND_LUA = files("streams").joinpath("append_records.lua").read_text()
 
-RawEntry = tuple[bytes, dict[bytes, bytes]]
+TopicPartition = tuple[str, int]
+
+
+class RecordAppender:
+    """Append encoded records (see `codec.encode_record`) to any topic partitions."""
+
+    def __init__(self, client: AnyRedis, keys: Keys):
+        self.client = client
+        self.keys = keys
+        self._sha: str | None = None
+
+    def _call(self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord]) -> list[Any]:
+        topic, partition = tp
+        args: list[Any] = [
+            "EVALSHA", self._sha, 2,
+            self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition),
+            maxlen, CODEC_VERSION,
+        ]
+        for rec in records:
+            args.extend(rec)
+        return args
+
+    async def _load(self) -> None:
+        with translated("load the append script"):
+            self._sha = cast(str, await self.client.script_load(APPEND_LUA))
+
+    async def append_many(
+        self,
+        batches: Mapping[TopicPartition, Sequence[EncodedRecord]],
+        maxlen: Mapping[str, int] | None = None,
+    ) -> dict[TopicPartition, int]:
+        """Append each partition's records in order; returns partition -> first offset written.
+
+        `maxlen` caps a topic's partitions (MAXLEN ~). A script Redis lost with a restart is
+        loaded again and only the partitions it refused are retried (nothing was written there).
+        Raises StreamUnavailable (retry the whole call: partitions not reported were not written,
+        or were, at-least-once) or CommandError.
+        """
+        todo = {tp: recs for tp, recs in batches.items() if recs}
+        if self._sha is None and todo:
+            await self._load()
+        out: dict[TopicPartition, int] = {}
+        for _attempt in range(2):
+            calls = list(todo)
+            caps = maxlen or {}
+            results: list[Any]
+            with translated("append records"):
+                if isinstance(self.client, RedisCluster):
+                    # redis-py refuses scripts in cluster pipelines, and concurrent first calls on
+                    # a fresh cluster client were seen to run a script twice (its retry after an
+                    # internal re-initialisation): one partition after another instead
+                    results = []
+                    for tp in calls:
+                        try:
+                            results.append(await self.client.execute_command(
+                                *self._call(tp, caps.get(tp[0], 0), todo[tp])))
+                        except Exception as exc:  # noqa: BLE001 - sorted out below, like a pipeline reply
+                            results.append(exc)
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for tp in calls:
+                        pipe.execute_command(*self._call(tp, caps.get(tp[0], 0), todo[tp]))
+                    try:
+                        results = await pipe.execute(raise_on_error=False)
+                    finally:
+                        await pipe.reset()
+            missing: dict[TopicPartition, Sequence[EncodedRecord]] = {}
+            for tp, result in zip(calls, results):
+                if isinstance(result, BaseException):
+                    error = translate(result, f"append to {self.keys.topic_partition(*tp)}")
+                    if isinstance(error, ScriptMissing):
+                        missing[tp] = todo[tp]
+                        continue
+                    raise error
+                out[tp] = int(result)
+            if not missing:
+                return out
+            await self._load()
+            todo = missing
+        raise StreamUnavailable("append script kept disappearing from Redis")
 
 
 class PartitionLog:
-    """Append and read one topic's partitions; the only writer of topic entries."""
+    """Append to one topic's partitions."""
 
     def __init__(self, client: AnyRedis, keys: Keys, topic: str, *, maxlen: int | None = None):
         self.client = client
         self.keys = keys
         self.topic = topic
         self.maxlen = maxlen or 0
-        self._script = client.register_script(_APPEND_LUA)
+        self._appender = RecordAppender(client, keys)
 
     def stream_key(self, partition: int) -> str:
         return self.keys.topic_partition(self.topic, partition)
 
-    def _args(self, records: Iterable[EncodedRecord]) -> list[Any]:
-        args: list[Any] = [self.maxlen, CODEC_VERSION]
-        for rec in records:
-            args.extend(rec)
-        return args
-
-    async def append(
-        self, partition: int, records: Sequence[EncodedRecord]
-    ) -> int:
+    async def append(self, partition: int, records: Sequence[EncodedRecord]) -> int:
         """Append encoded records (see `encode_record`); returns the first offset written."""
         if not records:
             raise ValueError("nothing to append")
-        keys = [self.stream_key(partition), self.keys.topic_sequence(self.topic, partition)]
-        with translated(f"append to {keys[0]}"):
-            return int(await self._script(keys=keys, args=self._args(records)))
+        return (await self.append_many({partition: records}))[partition]
 
-    async def append_many(
-        self, batches: Mapping[int, Sequence[EncodedRecord]]
-    ) -> dict[int, int]:
+    async def append_many(self, batches: Mapping[int, Sequence[EncodedRecord]]) -> dict[int, int]:
         """One pipelined round trip for several partitions; returns partition -> first offset."""
-        parts = [p for p, recs in batches.items() if recs]
-        if not parts:
-            return {}
-        if isinstance(self.client, RedisCluster):
-            # redis-py refuses scripts in cluster pipelines, and concurrent first calls on a
-            # fresh cluster client were seen to run a script twice (its retry after an
-            # internal re-initialisation): one partition after another instead
-            return {p: await self.append(p, batches[p]) for p in parts}
-        pipe = self.client.pipeline(transaction=False)
-        for p in parts:
-            keys = [self.stream_key(p), self.keys.topic_sequence(self.topic, p)]
-            await self._script(keys=keys, args=self._args(batches[p]), client=cast(Any, pipe))
-        results = await execute(pipe, f"append to topic {self.topic}")
-        return {p: int(r) for p, r in zip(parts, results)}
-
-    async def read(self, partition: int, from_offset: int, count: int = 1000) -> list[RawEntry]:
-        """Raw entries at offsets >= from_offset, oldest first."""
-        with translated(f"read {self.stream_key(partition)}"):
-            return cast(list[RawEntry], list(
-                await self.client.xrange(
-                    self.stream_key(partition), min=offset_to_id(max(from_offset, 0)), count=count
-                ) or []
-            ))
-
-    async def read_records(
-        self, partition: int, from_offset: int, count: int = 1000
-    ) -> tuple[list[Record], list[tuple[RawEntry, CorruptEntry]]]:
-        """Decoded records, plus the entries that failed to decode (for the dead-letter stream)."""
-        good: list[Record] = []
-        bad: list[tuple[RawEntry, CorruptEntry]] = []
-        for entry in await self.read(partition, from_offset, count):
-            try:
-                good.append(decode_record(*entry))
-            except CorruptEntry as exc:
-                bad.append((entry, exc))
-        return good, bad
-
-    async def bounds(self, partition: int) -> tuple[int, int]:
-        """(earliest offset still kept, next offset to be written): Kafka's low/high watermarks."""
-        pipe = self.client.pipeline(transaction=False)
-        queue_bounds(pipe, self.keys, self.topic, partition)
-        return read_bounds(*await execute(pipe, f"bounds of {self.stream_key(partition)}"))
+        firsts = await self._appender.append_many(
+            {(self.topic, p): recs for p, recs in batches.items()}, {self.topic: self.maxlen})
+        return {p: first for (_topic, p), first in firsts.items()}
 
 
 def queue_bounds(pipe: Any, keys: Keys, topic: str, partition: int) -> None:
@@ -111,8 +137,11 @@ def queue_bounds(pipe: Any, keys: Keys, topic: str, partition: int) -> None:
     pipe.get(keys.topic_sequence(topic, partition))
 
 
-def read_bounds(first: list[RawEntry], last: list[RawEntry], seq: bytes | None) -> tuple[int, int]:
-    """(earliest, next offset) from the replies to `queue_bounds`."""
+def read_bounds(
+    first: list[tuple[bytes, Any]], last: list[tuple[bytes, Any]], seq: bytes | None
+) -> tuple[int, int]:
+    """(earliest offset kept, next offset to be written) from the replies to `queue_bounds`:
+    Kafka's low and high watermarks."""
     if seq is not None:
         high = int(seq)
     else:  # counter not written yet: derive it as the append script would
@@ -120,39 +149,4 @@ def read_bounds(first: list[RawEntry], last: list[RawEntry], seq: bytes | None) 
     return (id_to_offset(first[0][0]) if first else high), high
 
 
-async def append_timed(
-    client: AnyRedis,
-    key: str,
-    entries: Sequence[Mapping[bytes, bytes]],
-    *,
-    maxlen: int | None = None,
-    min_id: str | None = None,
-) -> list[bytes]:
-    """Pipelined XADD with Redis time ids and approximate retention (MAXLEN ~ or MINID ~)."""
-    pipe = client.pipeline(transaction=False)
-    for i, fields in enumerate(entries):
-        last = i == len(entries) - 1
-        pipe.xadd(
-            key,
-            dict(fields),  # type: ignore[arg-type]
-            maxlen=maxlen if last else None,
-            minid=min_id if last and maxlen is None else None,
-            approximate=True,
-        )
-    return await execute(pipe, f"append to {key}") if entries else []
-
-
-async def read_after(
-    client: AnyRedis,
-    key: str,
-    after_id: str | None = None,
-    *,
-    until_id: str | None = None,
-    count: int | None = None,
-) -> list[RawEntry]:
-    """Entries with id > after_id (exclusive) and <= until_id, oldest first."""
-    low = f"({after_id}" if after_id else "-"
-    with translated(f"range {key}"):
-        return cast(list[RawEntry], list(await client.xrange(key, min=low, max=until_id or "+", count=count) or []))
-
-__all__ = ["PartitionLog", "RawEntry", "append_timed", "encode_record", "queue_bounds", "read_after", "read_bounds"]
+__all__ = ["PartitionLog", "RecordAppender", "queue_bounds", "read_bounds"]

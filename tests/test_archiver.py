@@ -11,10 +11,10 @@ import time
 import asyncpg
 import pytest
 
-from agents.archive_store import ArchiveStore
 from agents.archiver import Archiver
-from agents.db import create_pool, upgrade
+from streams.archive import ArchiveStore
 from streams.events import EventLog
+from streams.pg import create_pool, upgrade
 from tests.factories import price_changes
 
 

@@ -8,10 +8,11 @@ import pytest
 from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
+from agents.settings import IngestSettings
 from schemas.export import ALL_MODELS
+from streams.settings import CommonSettings, ConfigError, load
 from tests.test_schemas import SAMPLES
 from tickwave.cli import main
-from tickwave.settings import CommonSettings, ConfigError, IngestSettings, load
 
 
 def test_schema_command_writes_a_valid_schema_per_model(tmp_path):

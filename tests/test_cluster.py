@@ -5,6 +5,7 @@ from streams.connection import connect
 from streams.events import EventLog
 from streams.log import PartitionLog
 from tests.factories import price_changes
+from tests.topic_reads import bounds
 
 
 async def test_append_events_and_reads_work_under_redis_cluster(cluster_url, keys):
@@ -28,6 +29,6 @@ async def test_partition_log_appends_across_slots_under_redis_cluster(cluster_ur
         log = PartitionLog(client, keys, "ticks")
         first = await log.append_many({p: [encode_record(b"k", b"v")] * 3 for p in range(8)})
         assert first == {p: 0 for p in range(8)}
-        assert [await log.bounds(p) for p in range(8)] == [(0, 3)] * 8
+        assert [await bounds(client, keys, "ticks", p) for p in range(8)] == [(0, 3)] * 8
     finally:
         await client.aclose()

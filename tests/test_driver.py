@@ -23,6 +23,7 @@ from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
 from tests.driver_harness import broker_url
+from tests.topic_reads import read_entries
 from tickwave.servers import free_port
 
 
@@ -98,7 +99,7 @@ async def test_keys_values_headers_and_timestamps_round_trip(producer, redis, ke
                                         [("trace", b"\x00\xff"), ("n", b"1")])
     tombstone = await producer.send_and_wait("rt", b"k", None, 0, None, {"h": b"v"})
     empty = await producer.send_and_wait("rt", None, b"", 0, None, None)
-    entries = await PartitionLog(redis, keys, "rt").read(0, 0)
+    entries = await read_entries(redis, keys, "rt", 0)
     records = [decode_record(*e) for e in entries]
     assert [r.offset for r in records] == [meta.offset, tombstone.offset, empty.offset]
     assert (records[0].key, records[0].value, records[0].headers, records[0].timestamp_ms) == (
@@ -124,7 +125,7 @@ async def test_sends_queued_without_waiting_are_all_written_by_stop(redis_url, k
     await app.producer.stop()
     assert all(f.done() for f in futures)
     assert [f.result().offset for f in futures] == list(range(3000))
-    entries = await PartitionLog(redis, keys, "bulk").read(0, 0, 5000)
+    entries = await read_entries(redis, keys, "bulk", 0, 0, 5000)
     assert [decode_record(*e).value for e in entries] == [str(i).encode() for i in range(3000)]
 
 
@@ -144,7 +145,7 @@ async def test_sends_made_while_redis_is_away_are_held_and_written_when_it_retur
         assert not any(f.done() for f in futures), "a send 'succeeded' with Redis down"
         own.start()  # without persistence it comes back empty: the held records are all there is
         await asyncio.wait_for(app.producer.flush(), 20)
-        entries = await PartitionLog(client, keys, "held").read(0, 0)
+        entries = await read_entries(client, keys, "held", 0)
         assert [decode_record(*e).value for e in entries] == [str(i).encode() for i in range(50)]
     finally:
         await app.producer.stop()
@@ -171,7 +172,7 @@ async def test_retention_trims_entries_older_than_the_topic_keeps(redis, keys):
     assert await topics.trim_expired(["old"], now_ms=now) == 700
     low, high = (await topics.watermarks([TP("old", 0)]))[TP("old", 0)]
     assert (low, high) == (700, 705)
-    assert [decode_record(*e).value for e in await log.read(0, 0)] == [b"fresh"] * 5
+    assert [decode_record(*e).value for e in await read_entries(redis, keys, "old", 0)] == [b"fresh"] * 5
 
 
 async def test_a_changelog_declared_compacting_is_never_trimmed(redis_url, keys, redis):

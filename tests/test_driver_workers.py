@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from faust.types import TP
 
 from streams.codec import decode_record, offset_to_id
 from streams.connection import AnyRedis, connect
 from streams.keys import Keys
-from streams.log import PartitionLog
 from streams.partition import partition_for
+from tests import servers as test_servers
 from tests.driver_harness import (
     SESSION_TIMEOUT,
     WorkerProcess,
@@ -30,6 +29,7 @@ from tests.driver_harness import (
     values,
     wait_until,
 )
+from tests.topic_reads import bounds, read_entries
 from tickwave import servers
 
 GROUP = "drivertest"
@@ -63,10 +63,9 @@ async def test_an_agent_consumes_and_produces_every_record_with_its_key(server, 
         await wait_until(has_values(client, keys, set(range(300))), 60, "dst never held all 300 records", [worker])
     finally:
         assert worker.stop() == 0
-    out = PartitionLog(client, keys, "dst")
     seen = []
     for p in range(8):
-        for entry in await out.read(p, 0, 1000):
+        for entry in await read_entries(client, keys, "dst", p, 0, 1000):
             record = decode_record(*entry)
             assert partition_for(record.key, 8) == p, "a keyed record left its key's partition"
             seen.append((record.key, int(record.value)))
@@ -83,7 +82,7 @@ async def test_a_restarted_worker_resumes_from_its_commit_without_reprocessing(s
     finally:
         assert first.stop() == 0
     offsets = await committed(client, keys, GROUP)
-    ends = {tp: (await PartitionLog(client, keys, "src").bounds(tp.partition))[1]
+    ends = {tp: (await bounds(client, keys, "src", tp.partition))[1]
             for tp in offsets if tp.topic == "src"}
     assert ends and all(offsets[tp] == end for tp, end in ends.items()), "a clean stop left work uncommitted"
 
@@ -220,12 +219,12 @@ async def test_a_commit_that_trimming_left_behind_follows_auto_offset_reset(rese
     # while the worker is away, more arrives and retention trims past its commit
     await produce(redis, keys, "src", numbered(100, 100))
     kept: set[int] = set()
-    src = PartitionLog(redis, keys, "src")
     for p in range(8):
-        _low, high = await src.bounds(p)
+        _low, high = await bounds(redis, keys, "src", p)
         if high:
-            await redis.xtrim(src.stream_key(p), minid=offset_to_id(high - 1), approximate=False)  # only the newest entry stays
-        kept |= {int(decode_record(*e).value) for e in await src.read(p, 0)}
+            await redis.xtrim(keys.topic_partition("src", p), minid=offset_to_id(high - 1),
+                              approximate=False)  # only the newest entry stays
+        kept |= {int(decode_record(*e).value) for e in await read_entries(redis, keys, "src", p)}
     assert kept and all(v >= 100 for v in kept)
 
     second = WorkerProcess(broker_url(redis_url, keys), tmp_path, "second", DRIVER_OFFSET_RESET=reset).start()
@@ -315,7 +314,7 @@ def tls_redis_url(tmp_path: Path):
     import subprocess
 
     binary = servers.redis_binaries().get("path")
-    if binary is None or servers.binary_version(binary) < (6,):
+    if binary is None or test_servers.binary_version(binary) < (6,):
         pytest.skip("no system redis-server with TLS here")
     cert, key = _self_signed(tmp_path)
     port = servers.free_port()
@@ -324,7 +323,7 @@ def tls_redis_url(tmp_path: Path):
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        servers._wait_port(port, 10, proc)
+        servers.wait_port(port, 10, proc)
     except servers.EmbeddedServerError:
         pytest.skip("this redis-server was built without TLS")
     try:
@@ -398,10 +397,9 @@ async def test_a_corrupt_entry_is_dead_lettered_and_the_worker_goes_on_past_it(r
     key = b"k7"
     partition = partition_for(key, 8)
     await produce(redis, keys, "src", [(key, b"1"), (key, b"2")])
-    src = PartitionLog(redis, keys, "src")
-    _low, high = await src.bounds(partition)
+    _low, high = await bounds(redis, keys, "src", partition)
     # a foreign writer put an entry the codec does not know at the next offset
-    await redis.xadd(src.stream_key(partition), {b"payload": b"\xff not a record"}, id=offset_to_id(high))
+    await redis.xadd(keys.topic_partition("src", partition), {b"payload": b"\xff not a record"}, id=offset_to_id(high))
     await redis.set(keys.topic_sequence("src", partition), high + 1)
     await produce(redis, keys, "src", [(key, b"3"), (key, b"4")])
 

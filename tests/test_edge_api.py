@@ -7,9 +7,9 @@ import json
 import aiohttp
 import pytest
 
-from agents.archive_store import ArchiveStore
-from agents.db import create_pool, upgrade
+from streams.archive import ArchiveStore
 from streams.events import EventLog
+from streams.pg import create_pool, upgrade
 from tests.edge_harness import edge_settings, running_edge
 from tests.factories import price_changes, signal_change
 

@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 import aiohttp
 import pytest
 
-from agents.archive_store import ArchiveStore
-from agents.db import create_pool, upgrade
 from schemas.messages import Connected, PriceUpdate, Subscribed
+from streams.archive import ArchiveStore
 from streams.events import EventLog
+from streams.pg import create_pool, upgrade
 from tests.edge_harness import EdgeProcess, edge_settings, running_edge, ws_client
 from tests.factories import price_changes, signal_change
 

@@ -16,16 +16,16 @@ from agents.universe import UNIVERSE
 from agents.validate import Reject
 from schemas.events import Tick
 from schemas.market import limit_band
-from streams.log import PartitionLog
 from streams.partition import partition_for
-from tests.factories import T0, raw_tick as raw
+from tests.factories import T0
+from tests.factories import raw_tick as raw
+from tests.topic_reads import read_records
 
 
 async def all_ticks(redis, keys, partitions=8):
-    log = PartitionLog(redis, keys, "ticks")
     out = []
     for p in range(partitions):
-        recs, bad = await log.read_records(p, 0, count=100_000)
+        recs, bad = await read_records(redis, keys, "ticks", p, 0, count=100_000)
         assert bad == []
         out += [(p, r) for r in recs]
     return out

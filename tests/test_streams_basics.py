@@ -22,9 +22,10 @@ from streams.codec import (
 from streams.deadletter import quarantine
 from streams.errors import BadKey
 from streams.keys import Keys
-from streams.log import PartitionLog, append_timed, read_after
+from streams.log import PartitionLog
 from streams.partition import murmur2, partition_for
 from tests.test_schemas import PRICE, SIGNAL
+from tests.topic_reads import append_timed, bounds, read_records
 
 # --- keys -------------------------------------------------------------------------------
 
@@ -151,27 +152,27 @@ async def test_append_gives_dense_offsets_and_reads_back(any_redis, keys):
     log = PartitionLog(any_redis, keys, "ticks")
     assert await log.append(0, [encode_record(b"a", b"1"), encode_record(b"b", b"2")]) == 0
     assert await log.append(0, [encode_record(None, b"3")]) == 2
-    records, bad = await log.read_records(0, 1)
+    records, bad = await read_records(any_redis, keys, "ticks", 0, 1)
     assert [(r.offset, r.key, r.value) for r in records] == [(1, b"b", b"2"), (2, None, b"3")]
     assert bad == []
-    assert await log.bounds(0) == (0, 3)
+    assert await bounds(any_redis, keys, "ticks", 0) == (0, 3)
 
 
 async def test_append_many_writes_every_partition_in_one_round_trip(any_redis, keys):
     log = PartitionLog(any_redis, keys, "ticks")
     first = await log.append_many({p: [encode_record(b"k", str(i).encode()) for i in range(p + 1)] for p in range(4)})
     assert first == {0: 0, 1: 0, 2: 0, 3: 0}
-    assert [(await log.bounds(p))[1] for p in range(4)] == [1, 2, 3, 4]
+    assert [(await bounds(any_redis, keys, "ticks", p))[1] for p in range(4)] == [1, 2, 3, 4]
 
 
 async def test_trimming_moves_the_low_watermark_but_not_the_offsets(any_redis, keys):
     log = PartitionLog(any_redis, keys, "ticks", maxlen=100)
     for _ in range(10):
         await log.append(0, [encode_record(b"k", b"v")] * 100)
-    low, high = await log.bounds(0)
+    low, high = await bounds(any_redis, keys, "ticks", 0)
     assert high == 1000
     assert 0 < low <= 900  # approximate trimming keeps at least MAXLEN entries
-    records, _ = await log.read_records(0, 0, count=1)
+    records, _ = await read_records(any_redis, keys, "ticks", 0, 0, count=1)
     assert records[0].offset == low
 
 
@@ -180,15 +181,6 @@ async def test_lost_sequence_counter_continues_after_the_newest_entry(any_redis,
     await log.append(2, [encode_record(b"k", b"v")] * 5)
     await any_redis.delete(keys.topic_sequence("ticks", 2))
     assert await log.append(2, [encode_record(b"k", b"v")]) == 5
-
-
-async def test_timed_append_and_exclusive_range_reads(any_redis, keys):
-    key = keys.events("demo")
-    ids = await append_timed(any_redis, key, [{b"n": str(i).encode()} for i in range(5)], maxlen=1000)
-    after = await read_after(any_redis, key, ids[1].decode())
-    assert [e[1][b"n"] for e in after] == [b"2", b"3", b"4"]
-    upto = await read_after(any_redis, key, ids[0].decode(), until_id=ids[2].decode())
-    assert [e[0] for e in upto] == ids[1:3]
 
 
 # --- consumer groups ----------------------------------------------------------------------
@@ -231,7 +223,7 @@ async def test_a_corrupt_entry_goes_to_the_dead_letter_stream_with_its_reason(an
     # a foreign writer slips in an entry the codec cannot read
     await any_redis.xadd(log.stream_key(0), {b"v": b"\xff\xfe raw bytes"}, id="0-2")
     await any_redis.set(keys.topic_sequence("ticks", 0), 2)
-    good, bad = await log.read_records(0, 0)
+    good, bad = await read_records(any_redis, keys, "ticks", 0, 0)
     assert [r.offset for r in good] == [0] and len(bad) == 1
     assert await quarantine(any_redis, keys, "ticks", log.stream_key(0), bad) == 1
     (dl_id, fields), = await any_redis.xrange(keys.dead_letters("ticks"))

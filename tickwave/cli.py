@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from streams.settings import CommonSettings, ConfigError, load
 from tickwave.logs import setup_logging
-from tickwave.settings import CommonSettings, ConfigError, load
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,8 +32,8 @@ def schema(out: Path) -> None:
 
 
 def _register() -> None:
-    from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_edge import edge
+    from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_ingest import ingest
     from tickwave.cmd_run import run
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from aiohttp import web
 
+from edge.settings import EdgeSettings
 from tickwave.runtime import settings_or_exit
-from tickwave.settings import EdgeSettings
 
 
 @click.command()

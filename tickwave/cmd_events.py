@@ -8,8 +8,9 @@ import logging
 import click
 from tqdm import tqdm
 
+from agents.settings import ArchiverSettings, EventsSettings
+from streams.settings import CommonSettings
 from tickwave.runtime import run_until_signalled, serve_metrics, settings_or_exit
-from tickwave.settings import ArchiverSettings, CommonSettings, EventsSettings
 
 log = logging.getLogger("tickwave")
 
@@ -28,7 +29,7 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Apply pending SQL migrations (safe to run twice, and from two processes at once)."""
-    from agents.db import upgrade as apply
+    from streams.pg import upgrade as apply
 
     settings = settings_or_exit(CommonSettings)
     applied = asyncio.run(apply(_need(settings.database_url, "DATABASE_URL")))
@@ -38,11 +39,11 @@ def upgrade() -> None:
 @click.command()
 def archive() -> None:
     """Copy every strategy stream into PostgreSQL's event_archive until SIGINT/SIGTERM."""
-    from agents.archive_store import ArchiveStore
     from agents.archiver import Archiver, ArchiverStats
-    from agents.db import create_pool
+    from streams.archive import ArchiveStore
     from streams.connection import connect
     from streams.keys import Keys
+    from streams.pg import create_pool
 
     s = settings_or_exit(ArchiverSettings)
     redis_url, database_url = _need(s.redis_url, "REDIS_URL"), _need(s.database_url, "DATABASE_URL")

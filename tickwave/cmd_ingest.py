@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from agents.settings import IngestSettings
 from tickwave.runtime import run_until_signalled, serve_metrics, settings_or_exit
-from tickwave.settings import IngestSettings
 
 log = logging.getLogger("tickwave.ingest")
 

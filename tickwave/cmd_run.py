@@ -6,8 +6,8 @@ import asyncio
 
 import click
 
+from edge.settings import EdgeSettings
 from tickwave.runtime import run_until_signalled, settings_or_exit
-from tickwave.settings import EdgeSettings
 
 
 @click.command()

@@ -16,20 +16,20 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from agents.archive_store import ArchiveStore
 from agents.archiver import Archiver
-from agents.db import create_pool, upgrade
 from agents.generator import generate
 from agents.ingest import IngestStats, run_ingest
 from agents.sources.simulator import Simulator
 from agents.universe import pick
 from edge.app import create_app
+from edge.settings import EdgeSettings
 from edge.state import state_key
+from streams.archive import ArchiveStore
 from streams.connection import connect
 from streams.events import EventLog
 from streams.keys import Keys
+from streams.pg import create_pool, upgrade
 from tickwave import servers
-from tickwave.settings import EdgeSettings
 
 log = logging.getLogger("tickwave.run")
 

@@ -12,7 +12,7 @@ import click
 from prometheus_client import start_http_server
 from pydantic_settings import BaseSettings
 
-from tickwave.settings import ConfigError, load
+from streams.settings import ConfigError, load
 
 T = TypeVar("T")
 S = TypeVar("S", bound=BaseSettings)

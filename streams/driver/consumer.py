@@ -24,14 +24,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
 from faust.assignor import PartitionAssignor
 from faust.transport import consumer as base
 from faust.types import TP, ConsumerMessage
 from mode import Service
 from redis.asyncio.cluster import RedisCluster
 
-from streams.codec import CODEC_VERSION, decode_headers
+from streams.codec import decode_record_parts
 from streams.deadletter import quarantine
 from streams.driver import metrics
 from streams.driver.group import Group, Reply
@@ -427,20 +430,6 @@ class Consumer(base.Consumer):
         return out
 
     def _message(self, tp: TP, offset: int, fields: dict[bytes, bytes], generation: int) -> ConsumerMessage:
-        try:
-            version = fields.get(b"c")
-            if version != CODEC_VERSION:
-                raise CorruptEntry(f"not a record of codec version {CODEC_VERSION.decode()} (c={version!r})")
-            value = None if fields.get(b"n") == b"v" else fields[b"v"]
-            raw_headers = fields.get(b"h")
-            return ConsumerMessage(
-                tp.topic, tp.partition, offset, int(fields[b"t"]) / 1000.0, 0,
-                decode_headers(raw_headers) if raw_headers else [],
-                fields[b"k"] or None, value, None, tp=tp, generation_id=generation,
-            )
-        except CorruptEntry:
-            raise
-        except KeyError as exc:
-            raise CorruptEntry(f"record without its {exc.args[0]!r} field") from None
-        except (ValueError, TypeError) as exc:
-            raise CorruptEntry(f"undecodable record: {exc}") from None
+        key, value, headers, ts_ms = decode_record_parts(fields)
+        return ConsumerMessage(tp.topic, tp.partition, offset, ts_ms / 1000.0, 0, headers, key, value, None,
+                               tp=tp, generation_id=generation)

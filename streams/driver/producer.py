@@ -16,26 +16,23 @@ import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Mapping
-from importlib.resources import files
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import redis.exceptions as rex
 from faust.exceptions import ProducerSendError
 from faust.transport import producer as base
 from faust.types import TP, HeadersArg, RecordMetadata
 from mode import Seconds, Service
-from redis.asyncio.cluster import RedisCluster
 
-from streams.codec import CODEC_VERSION, EncodedRecord, encode_record
+from streams.codec import EncodedRecord, encode_record
 from streams.driver.logs import ERROR, INFO, WARNING, Streak, note
-from streams.errors import StreamsError, StreamUnavailable, translated
+from streams.errors import StreamsError, StreamUnavailable
+from streams.log import RecordAppender
 from streams.partition import partition_for
 
 if TYPE_CHECKING:
     from streams.driver.transport import Transport
 
 
-_APPEND_LUA = files("streams").joinpath("append_records.lua").read_text()
 MAX_BATCH = 5000
 NOT_SUPPORTED = ("transactions (processing_guarantee='exactly_once') are not supported by the "
                  "Redis Streams driver; its guarantee is at-least-once")
@@ -61,7 +58,7 @@ class Producer(base.Producer):
         self._idle.set()
         self._round_robin: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
         self._written: set[str] = set()
-        self._sha: str | None = None
+        self._appender: RecordAppender | None = None  # made on first use: the client comes with start
         # faust's documented hook for stamping headers on every produced message
         self._on_produce_message = self.app.on_produce_message.send
 
@@ -162,7 +159,7 @@ class Producer(base.Producer):
                 self._queue.extendleft(reversed(batch))
                 await asyncio.sleep(streak.failed(exc, records=len(self._queue)))
                 continue
-            except (StreamsError, rex.RedisError) as exc:
+            except StreamsError as exc:
                 note(ERROR, "records refused by redis", error=str(exc), records=len(batch))
                 for q in batch:
                     if not q.future.done():
@@ -182,58 +179,16 @@ class Producer(base.Producer):
                 if not q.future.done():
                     q.future.set_result(RecordMetadata(topic, partition, tp, first + i, q.timestamp, 0))
 
-    def _script_args(self, topic: str, partition: int, items: list[_Queued]) -> list[Any]:
-        keys = self.transport.topics.keys
-        settings = self.transport.topics.cached(topic)
-        args: list[Any] = [
-            "EVALSHA", self._sha, 2,
-            keys.topic_partition(topic, partition), keys.topic_sequence(topic, partition),
-            settings.maxlen if settings else 0, CODEC_VERSION,
-        ]
-        for q in items:
-            args.extend(q.record)
-        return args
-
     async def _append(self, groups: dict[tuple[str, int], list[_Queued]]) -> dict[tuple[str, int], int]:
-        client = self.transport.redis
-        if self._sha is None:
-            with translated("load the append script"):
-                self._sha = cast(str, await client.script_load(_APPEND_LUA))
-        todo = dict(groups)
-        out: dict[tuple[str, int], int] = {}
-        for _attempt in range(2):
-            calls = list(todo)
-            with translated("append records"):
-                if isinstance(client, RedisCluster):
-                    # one partition after another: each is its own slot (see streams.log)
-                    results: list[Any] = []
-                    for tp in calls:
-                        try:
-                            results.append(await client.execute_command(*self._script_args(*tp, todo[tp])))
-                        except rex.NoScriptError as exc:
-                            results.append(exc)
-                else:
-                    pipe = client.pipeline(transaction=False)
-                    for tp in calls:
-                        pipe.execute_command(*self._script_args(*tp, todo[tp]))
-                    try:
-                        results = await pipe.execute(raise_on_error=False)
-                    finally:
-                        await pipe.reset()
-            missing: dict[tuple[str, int], list[_Queued]] = {}
-            for tp, result in zip(calls, results):
-                if isinstance(result, rex.NoScriptError):
-                    missing[tp] = todo[tp]  # a restarted Redis lost its script cache: nothing was written
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    out[tp] = int(result)
-            if not missing:
-                return out
-            with translated("reload the append script"):
-                self._sha = cast(str, await client.script_load(_APPEND_LUA))
-            todo = missing
-        raise StreamUnavailable("append script kept disappearing from Redis")
+        topics = self.transport.topics
+        if self._appender is None:
+            self._appender = RecordAppender(self.transport.redis, topics.keys)
+        maxlen = {}
+        for topic, _partition in groups:
+            settings = topics.cached(topic)
+            maxlen[topic] = settings.maxlen if settings else 0
+        return await self._appender.append_many(
+            {tp: [q.record for q in items] for tp, items in groups.items()}, maxlen)
 
     @Service.task
     async def _trimmer(self) -> None:
@@ -244,7 +199,7 @@ class Producer(base.Producer):
                 break
             try:
                 removed = await self.transport.topics.trim_expired(sorted(self._written))
-            except (StreamsError, rex.RedisError) as exc:
+            except StreamsError as exc:
                 note(WARNING, "retention trim failed", error=str(exc))
             else:
                 if removed:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import asyncpg
+import orjson
 
-from agents.db import translated
-from streams.codec import CODEC_VERSION
-from streams.errors import CorruptEntry
-from streams.events import StoredEvent, parse_id
+from streams.codec import StoredEvent, event_fields, event_parts, parse_id
+from streams.errors import CorruptEntry, pg_translated
 
 _COLUMNS = ("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event")
 
@@ -29,11 +27,6 @@ class ArchiveRow(NamedTuple):
     event: str  # JSON text
 
 
-def row_from_fields(strategy: str, epoch: str, event_id: str, ts_code: str, fields: dict[bytes, bytes]) -> ArchiveRow:
-    ms, seq = parse_id(event_id)
-    return ArchiveRow(strategy, epoch, ms, seq, ts_code, fields[b"y"].decode(), int(fields[b"s"]), fields[b"e"].decode())
-
-
 def row_from_entry(strategy: str, epoch: str, event_id: str, fields: dict[bytes, bytes]) -> ArchiveRow:
     """An archive row straight from a stream entry, or CorruptEntry.
 
@@ -41,44 +34,29 @@ def row_from_entry(strategy: str, epoch: str, event_id: str, fields: dict[bytes,
     the event (append_events takes models); here the checks are structural, the
     ones a COPY into jsonb needs, and a full decode happens when history reads it.
     """
+    kind, version, body = event_parts(event_id, fields)
     try:
-        if fields.get(b"c") != CODEC_VERSION:
-            raise CorruptEntry(f"unknown event codec version {fields.get(b'c')!r}", event_id)
-        kind = fields[b"y"]
-        doc = json.loads(fields[b"e"])
-        if kind == b"price":
-            ts_code = doc["ts_code"]
-        elif kind == b"signal":
-            ts_code = doc["signal"]["ts_code"]
-        else:
-            raise CorruptEntry(f"unknown event type {kind!r}", event_id)
-        if not isinstance(ts_code, str):
-            raise CorruptEntry("ts_code is not a string", event_id)
-        return row_from_fields(strategy, epoch, event_id, ts_code, fields)
-    except CorruptEntry:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        doc = orjson.loads(body)
+        ts_code = doc["ts_code"] if kind == b"price" else doc["signal"]["ts_code"]
+    except (KeyError, TypeError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise CorruptEntry(f"undecodable event: {exc!r}", event_id) from None
+    if not isinstance(ts_code, str):
+        raise CorruptEntry("ts_code is not a string", event_id)
+    ms, seq = parse_id(event_id)
+    return ArchiveRow(strategy, epoch, ms, seq, ts_code, kind.decode(), version, body.decode())
 
 
 def row_from_event(strategy: str, epoch: str, stored: StoredEvent) -> ArchiveRow:
-    fields = stored.fields
-    ts_code = getattr(stored.event, "ts_code", None) or stored.event.signal.ts_code  # type: ignore[union-attr]
-    return row_from_fields(strategy, epoch, stored.id, ts_code, fields)
+    return row_from_entry(strategy, epoch, stored.id, stored.fields)
 
 
 def _stored(record: asyncpg.Record) -> StoredEvent:
-    fields = {
-        b"e": record["event"].encode(),
-        b"y": record["kind"].encode(),
-        b"s": str(record["schema_version"]).encode(),
-        b"c": CODEC_VERSION,
-    }
-    return StoredEvent(f"{record['ms']}-{record['seq']}", fields=fields)
+    return StoredEvent(f"{record['ms']}-{record['seq']}", fields=event_fields(
+        record["kind"].encode(), record["schema_version"], record["event"].encode()))
 
 
 class ArchiveStore:
-    """Reads and writes `event_archive` through the process's pool."""
+    """Reads and writes `event_archive` through the process's pool (history's `Archive`)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -89,10 +67,10 @@ class ArchiveStore:
         if not rows:
             return 0
         if conn is None:
-            with translated("archive write"):
+            with pg_translated("archive write"):
                 async with self.pool.acquire() as acquired:
                     return await self.write_rows(rows, acquired)
-        with translated("archive write"):
+        with pg_translated("archive write"):
             async with conn.transaction():
                 await conn.execute(
                     "CREATE TEMP TABLE IF NOT EXISTS archive_stage "
@@ -125,7 +103,7 @@ class ArchiveStore:
         if before_id is not None:
             ms, seq = parse_id(before_id)
             high = min(high, (ms, seq - 1) if seq else (ms - 1, 2**62))
-        with translated("archive read"):
+        with pg_translated("archive read"):
             records = await self.pool.fetch(
                 "SELECT ms, seq, kind, schema_version, event::text AS event FROM event_archive "
                 "WHERE strategy = $1 AND epoch = $2 AND (ms, seq) > ($3, $4) AND (ms, seq) <= ($5, $6) "
@@ -136,7 +114,7 @@ class ArchiveStore:
 
     async def last_id(self, strategy: str, epoch: str) -> str | None:
         """Newest archived id of a strategy's epoch."""
-        with translated("archive read"):
+        with pg_translated("archive read"):
             row = await self.pool.fetchrow(
                 "SELECT ms, seq FROM event_archive WHERE strategy = $1 AND epoch = $2 "
                 "ORDER BY ms DESC, seq DESC LIMIT 1",
@@ -145,7 +123,7 @@ class ArchiveStore:
         return f"{row['ms']}-{row['seq']}" if row else None
 
     async def count(self, strategy: str, epoch: str | None = None) -> int:
-        with translated("archive read"):
+        with pg_translated("archive read"):
             if epoch is None:
                 return int(await self.pool.fetchval("SELECT count(*) FROM event_archive WHERE strategy = $1", strategy))
             return int(await self.pool.fetchval(

@@ -1,12 +1,26 @@
-"""History of a strategy after a given (epoch, id): the archive for what Redis no longer
-holds, Redis for the rest, as one ordered sequence with no gap and no duplicate."""
+"""History of a strategy after a given (epoch, id): the read model over the event log.
+The archive serves what Redis no longer holds, Redis the rest, as one ordered sequence
+with no gap and no duplicate. The archive is anything with `Archive`'s two reads
+(streams.archive.ArchiveStore on PostgreSQL)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from agents.archive_store import ArchiveStore
-from streams.events import EventLog, StoredEvent, parse_id
+from streams.codec import StoredEvent, parse_id
+from streams.events import EventLog
+
+
+class Archive(Protocol):
+    """What history needs of the cold tier: ordered reads by event id within an epoch."""
+
+    async def last_id(self, strategy: str, epoch: str) -> str | None: ...
+
+    async def read_after(
+        self, strategy: str, epoch: str, after_id: str | None, *,
+        until_id: str | None = None, before_id: str | None = None, limit: int,
+    ) -> list[StoredEvent]: ...
 
 
 class Reason:
@@ -31,7 +45,7 @@ def _after(a: str, b: str) -> bool:
 
 async def history(
     log: EventLog,
-    store: ArchiveStore | None,
+    store: Archive | None,
     strategy: str,
     *,
     epoch: str | None,
@@ -50,7 +64,7 @@ async def history(
 
 async def _history_once(
     log: EventLog,
-    store: ArchiveStore | None,
+    store: Archive | None,
     strategy: str,
     epoch: str | None,
     after_id: str | None,

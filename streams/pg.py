@@ -1,17 +1,18 @@
-"""PostgreSQL: one asyncpg pool per process, and versioned SQL migrations under infra/migrations."""
+"""PostgreSQL, the event log's cold tier: one asyncpg pool per process, and versioned SQL
+migrations under infra/migrations."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from agents.errors import ArchiveUnavailable, MigrationError
+from streams.errors import MigrationError, pg_translated
 
 log = logging.getLogger("tickwave.db")
 
@@ -34,21 +35,11 @@ def migration_files(directory: Path | None = None) -> list[Path]:
     return found
 
 
-@contextmanager
-def translated(action: str) -> Iterator[None]:
-    """Connection-level asyncpg and OS errors become ArchiveUnavailable."""
-    try:
-        yield
-    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.InterfaceError) as exc:
-        raise ArchiveUnavailable(f"{action}: {exc}") from exc
-
-
 async def create_pool(database_url: str, **options: Any) -> asyncpg.Pool:
     """The process's one pool."""
     options.setdefault("min_size", 1)
     options.setdefault("max_size", 8)
-    with translated("connect to PostgreSQL"):
+    with pg_translated("connect to PostgreSQL"):
         pool = await asyncpg.create_pool(database_url, **options)
     assert pool is not None
     return pool
@@ -56,7 +47,7 @@ async def create_pool(database_url: str, **options: Any) -> asyncpg.Pool:
 
 @asynccontextmanager
 async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    with translated("connect to PostgreSQL"):
+    with pg_translated("connect to PostgreSQL"):
         conn = await asyncpg.connect(database_url)
     try:
         yield conn

@@ -38,3 +38,19 @@ class EventsSettings(CommonSettings):
 
     event_retention_ms: int = Field(24 * 3600 * 1000, ge=1000, description="events kept in Redis (MINID ~)")
     event_maxlen: int | None = Field(None, ge=100, description="if set, keep about this many events instead")
+
+
+class WorkerSettings(EventsSettings):
+    """`tickwave worker`: the faust join of ticks with signals."""
+
+    worker_app_id: str = Field("tickwave-join", description="faust app id: workers sharing partitions share it")
+    worker_metrics_port: int = Field(9102, ge=0, le=65535, description="/metrics port (0: off)")
+    worker_batch: int = Field(500, ge=1, le=10_000, description="ticks joined per batch at most")
+    worker_batch_window_s: float = Field(
+        0.005, gt=0, le=1, description="longest a tick waits for its batch to fill (adds to join latency)")
+    worker_commit_interval: float = Field(0.5, gt=0, description="seconds between offset commits")
+    worker_standby_replicas: int = Field(0, ge=0, le=3, description="standby copies of the signals table")
+    worker_datadir: str | None = Field(None, description="faust's data directory (default: a new temporary one)")
+    worker_broker_options: str = Field(
+        "", description="driver URL parameters added to the broker URL, e.g. 'session_timeout=3&heartbeat_interval=0.5'"
+                        " (see docs/faust-redis.md)")

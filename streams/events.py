@@ -38,13 +38,16 @@ _APPEND_LUA = files("streams").joinpath("append_events.lua").read_text()
 DEFAULT_RETENTION_MS = 24 * 3600 * 1000
 
 
-def _event_args(event: Event) -> list[bytes | str | int]:
+Position = tuple[str, int]
+
+
+def _event_args(event: Event, source: Position | None) -> list[bytes | str | int]:
     stored = StoredEvent("", event)  # the codec's view of the event: type, version, body
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
         snap: list[bytes | str | int] = [b"set", event.ts_code]
     else:
-        position = ["", 0]
+        position = [source[0], source[1]] if source else ["", 0]
         # a removed signal takes the stock out of the strategy's list
         snap = [b"del" if event.action == "remove" else b"", event.signal.ts_code]
     return [*position, *snap, stored.kind.encode(), str(stored.schema_version).encode(), stored.body]
@@ -79,16 +82,29 @@ class EventLog:
         k = self.keys
         return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy)]
 
-    async def append_events(self, strategy: str, events: Sequence[Event]) -> list[str]:
-        """Append atomically; returns the ids written (events at old positions are skipped)."""
+    async def append_events(
+        self, strategy: str, events: Sequence[Event], *, sources: Sequence[Position | None] | None = None,
+    ) -> list[str]:
+        """Append atomically; returns the ids written (events at old positions are skipped).
+
+        A PriceChange's position is its tick's (partition, offset). A SignalChange has
+        none of its own: `sources` (aligned with `events`) can give one, a (name, offset)
+        pair whose name must not be a tick partition number, e.g. ("signals.3", 17); a
+        SignalChange without one is always appended.
+        """
         check_name(strategy, "strategy")
         if not events:
             return []
+        if sources is not None and len(sources) != len(events):
+            raise ValueError("sources must have one entry per event")
         args: list[Any] = [*self._retention, secrets.token_hex(8), CODEC_VERSION]
-        for event in events:
+        for i, event in enumerate(events):
             if isinstance(event, PriceChange) and event.strategy != strategy:
                 raise ValueError(f"event for {event.strategy!r} appended to {strategy!r}")
-            args.extend(_event_args(event))
+            source = sources[i] if sources is not None else None
+            if source is not None and source[0].isdigit():
+                raise ValueError(f"source {source[0]!r} would share a tick partition's position")
+            args.extend(_event_args(event, source))
         with translated(f"append events to {strategy}"):
             reply = await self._script(keys=self._keys_for(strategy), args=args)
             if strategy not in self._registered:

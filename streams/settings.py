@@ -58,6 +58,12 @@ class CommonSettings(BaseSettings):
             raise ValueError("must start with postgresql://")
         return value
 
+    @field_validator("universe_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: Any) -> Any:
+        # an empty variable means "not set", not the current directory
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

@@ -52,3 +52,28 @@ def test_a_bad_universe_file_stops_the_command_naming_the_variable(tmp_path):
                                     "TICKWAVE_INGEST_METRICS_PORT": "0"})
         assert proc.returncode == 2, args
         assert f"TICKWAVE_UNIVERSE_FILE: {bad}, line 3:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_ingest_simulates_5000_stocks_and_rejects_none(redis_url, keys, redis, tmp_path):
+    import asyncio
+    import signal
+
+    from tests.test_ingest import all_ticks
+
+    env = {**os.environ, "REDIS_URL": redis_url, "TICKWAVE_KEY_PREFIX": keys.prefix,
+           "TICKWAVE_INGEST_METRICS_PORT": "0"}
+    with open(tmp_path / "err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tickwave", "ingest", "--source", "sim", "--stocks", "5000",
+                                 "--interval", "0.5", "--ignore-clock", "--seed", "2"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(await all_ticks(redis, keys)) < 5000:
+            assert asyncio.get_running_loop().time() < deadline, "no full snapshot of 5,000 stocks appended"
+            assert proc.poll() is None, (tmp_path / "err").read_text()
+            await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    log = (tmp_path / "err").read_text()
+    line = next(entry for entry in log.splitlines() if "ingest stopped" in entry)
+    assert " rejected=0" in line and int(line.split("appended=")[1].split()[0]) % 5000 == 0
+    assert len({r.key for _, r in await all_ticks(redis, keys)}) == 5000

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from agents.universe import Listing, pick
 from schemas.events import PriceChange, Signal, Tick
 from schemas.market import SHANGHAI, limit_band
+from schemas.universe import Listing
 from streams.events import EventLog
 
 # each generator run writes its own tick partition range: offsets then only grow
@@ -24,19 +24,25 @@ _GENERATOR_PARTITION = 1_000_000
 class PriceWalk:
     """Per-stock random walk clamped to the limit band, volume only growing (pure, seedable)."""
 
-    def __init__(self, listings: list[Listing], strategy: str, seed: int | None = None):
+    def __init__(self, listings: Sequence[Listing], strategy: str, seed: int | None = None):
         self.rng = random.Random(seed)
         self.strategy = strategy
         today = datetime.now(SHANGHAI).date()
+        missing = [listing.ts_code for listing in listings if listing.pre_close is None]
+        if missing:
+            raise ValueError(f"no previous close to walk from: {', '.join(missing[:5])}")
+        self.pre_close = {listing.ts_code: float(listing.pre_close or 0) for listing in listings}
         self.stocks = [
-            (listing, limit_band(listing.ts_code, listing.name, listing.pre_close, today)) for listing in listings
+            (listing, limit_band(listing.ts_code, listing.name, self.pre_close[listing.ts_code], today,
+                                 list_date=listing.list_date, st=listing.st))
+            for listing in listings
         ]
-        self.prices = {listing.ts_code: listing.pre_close for listing in listings}
+        self.prices = dict(self.pre_close)
         self.volume = {listing.ts_code: 0 for listing in listings}
         self.signals = {
             listing.ts_code: Signal(
                 strategy=strategy, ts_code=listing.ts_code, name=listing.name, signal_date=today,
-                signal_price=round(listing.pre_close * self.rng.uniform(0.95, 1.02), 2),
+                signal_price=round(self.pre_close[listing.ts_code] * self.rng.uniform(0.95, 1.02), 2),
                 confidence=round(self.rng.uniform(0.5, 0.95), 2), reason="demo",
             )
             for listing in listings
@@ -52,7 +58,7 @@ class PriceWalk:
         self.volume[code] += self.rng.randrange(100, 50_000, 100)
         self.offset += 1
         now = datetime.now(SHANGHAI)
-        tick = Tick(ts_code=code, name=listing.name, time=now, price=price, pre_close=listing.pre_close,
+        tick = Tick(ts_code=code, name=listing.name, time=now, price=price, pre_close=self.pre_close[code],
                     volume=self.volume[code], source="generator")
         return PriceChange.from_tick(tick, self.signals[code], ingest_time=now,
                                      partition=_GENERATOR_PARTITION, offset=self.offset)
@@ -62,7 +68,7 @@ async def generate(
     log: EventLog,
     strategy: str,
     *,
-    stocks: int,
+    listings: Sequence[Listing],
     rate: float,
     count: int | None,
     stop: asyncio.Event,
@@ -71,7 +77,7 @@ async def generate(
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write events at `rate`/s (0: as fast as possible) until `count` or `stop`; returns how many."""
-    walk = PriceWalk(pick(stocks), strategy, seed)
+    walk = PriceWalk(listings, strategy, seed)
     written = 0
     started = time.monotonic()
     while not stop.is_set() and (count is None or written < count):

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 from agents.sources import RawTick, Source
 from agents.validate import TickRejected, check_tick, parse_tick
 from schemas.events import Tick
+from schemas.universe import Universe
 from streams.codec import EncodedRecord, encode_record
 from streams.connection import AnyRedis, execute
 from streams.deadletter import dead_letter_fields
@@ -67,9 +68,20 @@ def _raw_payload(raw: RawTick) -> bytes:
 class TickWriter:
     """Turns batches from one source into appends; keeps per-code dedup and volume state."""
 
-    def __init__(self, client: AnyRedis, keys: Keys, *, partitions: int, source: str, maxlen: int | None = None):
+    def __init__(
+        self,
+        client: AnyRedis,
+        keys: Keys,
+        *,
+        partitions: int,
+        source: str,
+        maxlen: int | None = None,
+        universe: Universe | None = None,
+    ):
         self.client, self.keys, self.source = client, keys, source
         self.partitions = partitions
+        # listing dates and ST flags for validation; a code missing from it is checked as seasoned
+        self.universe = universe
         self.log = PartitionLog(client, keys, TOPIC, maxlen=maxlen)
         self.stats = IngestStats()
         self._last: dict[str, tuple[Any, float]] = {}  # ts_code -> (time, price) last appended
@@ -92,7 +104,8 @@ class TickWriter:
                 continue
             day = tick.time.date()
             prev = self._volume.get(code)
-            reason = check_tick(tick, prev[1] if prev and prev[0] == day else None)
+            listing = self.universe.get(code) if self.universe is not None else None
+            reason = check_tick(tick, prev[1] if prev and prev[0] == day else None, listing)
             if reason:
                 rejects.append((reason, "", raw))
                 continue
@@ -164,14 +177,16 @@ async def run_ingest(
     stop: asyncio.Event,
     partitions: int = 8,
     maxlen: int | None = None,
+    universe: Universe | None = None,
     on_progress: Callable[[IngestStats], None] | None = None,
 ) -> IngestStats:
-    """Pull batches from `source` and write them until it ends or `stop` is set.
+    """Pull batches from `source` and write them until it ends or `stop` is set; `universe`
+    gives validation the listing dates of new listings.
 
     A batch already fetched when `stop` is set is written whole before returning.
     """
     n = await topic_partitions(client, keys, TOPIC, partitions)
-    writer = TickWriter(client, keys, partitions=n, source=source.name, maxlen=maxlen)
+    writer = TickWriter(client, keys, partitions=n, source=source.name, maxlen=maxlen, universe=universe)
     batches = source.batches().__aiter__()
     stopped = asyncio.ensure_future(stop.wait())
     try:

@@ -9,12 +9,18 @@ from pydantic import Field
 from streams.settings import CommonSettings
 
 
-class IngestSettings(CommonSettings):
+class TushareSettings(CommonSettings):
+    """What reaching Tushare Pro needs (`tickwave universe fetch`, and ingest's Tushare source)."""
+
+    tushare_token: str | None = Field(
+        None, description="Tushare Pro token (required for --source tushare and `tickwave universe fetch`)")
+
+
+class IngestSettings(TushareSettings):
     """`tickwave ingest`: sources appending ticks."""
 
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="/metrics port (0: off)")
     tick_maxlen: int = Field(1_000_000, ge=1000, description="approximate entries kept per tick partition")
-    tushare_token: str | None = Field(None, description="Tushare Pro token (required for --source tushare)")
     tushare_interval: float = Field(3.0, gt=0, description="seconds between Tushare polls")
     tushare_codes: str = Field("", description="comma-separated ts_codes polled from Tushare")
 

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from schemas.events import Tick
 from schemas.market import InvalidCode, limit_band, parse_ts_code
+from schemas.universe import Listing
 
 
 class Reject:
@@ -47,12 +48,18 @@ def parse_tick(raw: Tick | Mapping[str, Any]) -> Tick:
         raise TickRejected(Reject.INVALID, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-def check_tick(tick: Tick, last_volume: int | None) -> str | None:
-    """The reason this tick is bad input, or None. `last_volume`: the code's previous volume today."""
+def check_tick(tick: Tick, last_volume: int | None, listing: Listing | None = None) -> str | None:
+    """The reason this tick is bad input, or None. `last_volume`: the code's previous volume today;
+    `listing`: the code's row in the universe, whose listing date frees a new listing's first days."""
     if tick.price <= 0:
         return Reject.ZERO_PRICE
-    if tick.pre_close > 0 and not limit_band(tick.ts_code, tick.name, tick.pre_close, tick.time.date()).contains(tick.price):
-        return Reject.OUTSIDE_BAND
+    if tick.pre_close > 0:
+        # the tick's own name says whether the stock is ST today; a universe file may be older
+        band = limit_band(tick.ts_code, tick.name, tick.pre_close, tick.time.date(),
+                          list_date=listing.list_date if listing else None,
+                          st=listing.st if listing and not tick.name else None)
+        if not band.contains(tick.price):
+            return Reject.OUTSIDE_BAND
     if last_volume is not None and tick.volume < last_volume:
         return Reject.VOLUME_BACKWARDS
     return None

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from agents.generator import PriceWalk
-from agents.universe import pick
+from schemas.universe import default_universe
 from bench._common import drop_prefix, fresh_keys, line, redis_url
 from streams.connection import connect
 from streams.events import EventLog
@@ -147,7 +147,7 @@ async def resume(url: str, missed: int) -> None:
     keys = fresh_keys()
     client = connect(url)
     log = EventLog(client, keys)
-    walk = PriceWalk(pick(20), "bench", seed=2)
+    walk = PriceWalk(default_universe().pick(20), "bench", seed=2)
     first = await log.append_events("bench", [walk.next_event() for _ in range(10)])
     ids: list[str] = []
     for _ in range(0, missed, 1000):
@@ -242,7 +242,7 @@ async def fanout_ours(url: str, n: int, seconds: float, per_batch: int, every: f
 
         tasks = [asyncio.create_task(one()) for _ in range(n)]
         await asyncio.wait_for(ready.wait(), 120)
-        walk = PriceWalk(pick(20), "bench", seed=3)
+        walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
         stop_at[0] = time.time() + seconds + 2  # count what arrives up to 2 s after the last send
 
         async def write(events: list[Any]) -> None:
@@ -293,7 +293,7 @@ async def fanout_socketio(url: str, n: int, seconds: float, per_batch: int, ever
 
         await asyncio.gather(*(one() for _ in range(n)))
         publisher = socketio.AsyncRedisManager(url, channel=channel, write_only=True)
-        walk = PriceWalk(pick(20), "bench", seed=3)
+        walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
         stop_at[0] = time.time() + seconds + 2
         from edge.frames import price_item
 

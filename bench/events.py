@@ -15,7 +15,7 @@ import time
 
 from agents.archiver import Archiver
 from agents.generator import PriceWalk
-from agents.universe import pick
+from schemas.universe import default_universe
 from bench._common import (
     Timer,
     database_url,
@@ -34,7 +34,7 @@ from streams.pg import create_pool
 
 
 def make_events(n: int, strategy: str = "bench") -> list:  # type: ignore[type-arg]
-    walk = PriceWalk(pick(20), strategy, seed=1)
+    walk = PriceWalk(default_universe().pick(20), strategy, seed=1)
     return [walk.next_event() for _ in range(n)]
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from agents.ingest import run_ingest
 from agents.sources.replay import FileReplay
-from agents.universe import UNIVERSE
+from schemas.universe import default_universe
 from bench._common import Timer, drop_prefix, fresh_keys, line, redis_url
 from schemas.market import SHANGHAI
 from streams.codec import encode_record
@@ -31,9 +31,10 @@ def write_file(path: Path, n: int) -> None:
 
     t0 = datetime(2026, 11, 24, 9, 30, tzinfo=SHANGHAI)
     rows = []
-    per = len(UNIVERSE)
+    demo = default_universe().pick(20)
+    per = len(demo)
     for i in range(n):
-        listing = UNIVERSE[i % per]
+        listing = demo[i % per]
         step = i // per
         rows.append({
             "ts_code": listing.ts_code, "name": listing.name,

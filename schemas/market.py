@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -9,6 +10,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from enum import Enum
 from functools import lru_cache
 from zoneinfo import ZoneInfo
+
+from schemas.calendar import trading_day_number
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -82,14 +85,14 @@ def is_st(name: str | None) -> bool:
     return bool(name) and "ST" in (name or "").upper().replace("＊", "*")
 
 
-def limit_ratio(ts_code: str, name: str | None, trade_date: date) -> Decimal:
-    """The daily price limit as a fraction of the previous close."""
+def limit_ratio(ts_code: str, name: str | None, trade_date: date, *, st: bool | None = None) -> Decimal:
+    """The daily price limit as a fraction of the previous close; `st` overrides the name's ST mark."""
     board = board_of(ts_code)
     if board is Board.BEIJING:
         return Decimal("0.30")
     if board in (Board.CHINEXT, Board.STAR):
         return Decimal("0.20")
-    if is_st(name):
+    if is_st(name) if st is None else st:
         return Decimal("0.10") if trade_date >= ST_BAND_WIDENED_ON else Decimal("0.05")
     return Decimal("0.10")
 
@@ -105,17 +108,68 @@ class LimitBand:
     def contains(self, price: float) -> bool:
         return self.low <= price <= self.high
 
+    @property
+    def bounded(self) -> bool:
+        return self.high != math.inf
+
+
+# A new listing's first days trade without a price limit: one fen up to anything.
+NO_LIMIT = LimitBand(low=0.01, high=math.inf)
+
+# (board, listed on or after) -> how many of its first trading days have no limit. The
+# registration reforms brought the rule: STAR from its opening, ChiNext from 2020-08-24,
+# the SH/SZ main boards from 2023-04-10; Beijing's listings are free on the first day.
+_FREE_DAYS_SINCE = {
+    Board.STAR: (date(2019, 7, 22), 5),
+    Board.CHINEXT: (date(2020, 8, 24), 5),
+    Board.MAIN: (date(2023, 4, 10), 5),
+    Board.BEIJING: (date(2021, 11, 15), 1),
+}
+# Main board and ChiNext listings from before their reform (2014 onwards) had an asymmetric
+# first-day band around the issue price, +44% / -36%, and the usual band after it.
+_OLD_FIRST_DAY = (Decimal("0.64"), Decimal("1.44"))
+_OLD_FIRST_DAY_BOARDS = (Board.MAIN, Board.CHINEXT)
+
+
+def unlimited_days(ts_code: str, list_date: date) -> int:
+    """How many of a listing's first trading days have no price limit (0: none)."""
+    since, days = _FREE_DAYS_SINCE[board_of(ts_code)]
+    return days if list_date >= since else 0
+
+
+def _at_fen(value: Decimal) -> float:
+    return float(value.quantize(_FEN, rounding=ROUND_HALF_UP))
+
 
 @lru_cache(maxsize=65536)
-def limit_band(ts_code: str, name: str | None, pre_close: float, trade_date: date) -> LimitBand:
-    """Limit-down and limit-up prices, each rounded half-up to the fen."""
+def limit_band(
+    ts_code: str,
+    name: str | None,
+    pre_close: float,
+    trade_date: date,
+    *,
+    list_date: date | None = None,
+    st: bool | None = None,
+) -> LimitBand:
+    """Limit-down and limit-up prices, each rounded half-up to the fen.
+
+    With `list_date`, a new listing in its first trading days gets NO_LIMIT (or the old
+    first-day band); without it the stock is taken as seasoned. `st`, when known from
+    the universe, overrides the ST mark read from the name.
+    """
     if pre_close <= 0:
         raise ValueError("pre_close must be positive to have a limit band")
-    ratio = limit_ratio(ts_code, name, trade_date)
     base = Decimal(str(pre_close))
-    high = (base * (1 + ratio)).quantize(_FEN, rounding=ROUND_HALF_UP)
-    low = (base * (1 - ratio)).quantize(_FEN, rounding=ROUND_HALF_UP)
-    return LimitBand(low=float(low), high=float(high))
+    if list_date is not None and trade_date >= list_date:
+        free = unlimited_days(ts_code, list_date)
+        day = trading_day_number(list_date, trade_date, stop_after=max(free, 1))
+        if day <= free:
+            return NO_LIMIT
+        if free == 0 and day == 1 and board_of(ts_code) in _OLD_FIRST_DAY_BOARDS:
+            low_ratio, high_ratio = _OLD_FIRST_DAY
+            return LimitBand(low=_at_fen(base * low_ratio), high=_at_fen(base * high_ratio))
+    ratio = limit_ratio(ts_code, name, trade_date, st=st)
+    return LimitBand(low=_at_fen(base * (1 - ratio)), high=_at_fen(base * (1 + ratio)))
 
 
 def percent_change(price: float, reference: float) -> float:

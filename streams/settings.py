@@ -8,6 +8,7 @@ before it does anything, with a message naming the variable.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -35,6 +36,11 @@ class CommonSettings(BaseSettings):
     )
     key_prefix: str = Field("tw:", description="prefix of every Redis key; isolates deployments")
     tick_partitions: int = Field(8, ge=1, le=1024, description="partitions of the ticks topic")
+    universe_file: Path | None = Field(
+        None,
+        description="CSV or Parquet stock universe (ts_code, name, board, pre_close, st, list_date) for the "
+                    "simulator, validation and the join; unset: the built-in whole market",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: str = Field("logfmt", description="'logfmt' or 'json' log lines")
 
@@ -51,6 +57,12 @@ class CommonSettings(BaseSettings):
         if value and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql://")
         return value
+
+    @field_validator("universe_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: Any) -> Any:
+        # an empty variable means "not set", not the current directory
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level")
     @classmethod

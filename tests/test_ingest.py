@@ -12,14 +12,16 @@ import pytest
 from agents.ingest import TickWriter, run_ingest, topic_partitions
 from agents.sources.replay import FileReplay
 from agents.sources.simulator import Simulator, in_session
-from agents.universe import UNIVERSE
-from agents.validate import Reject
+from schemas.universe import Listing, Universe, default_universe
+from agents.validate import Reject, check_tick
 from schemas.events import Tick
 from schemas.market import limit_band
 from streams.partition import partition_for
 from tests.factories import T0
 from tests.factories import raw_tick as raw
 from tests.topic_reads import read_records
+
+DEMO = default_universe().pick(20)
 
 
 async def all_ticks(redis, keys, partitions=8):
@@ -81,7 +83,7 @@ async def test_partition_count_is_kept_in_redis_and_honoured(redis, keys):
 
 
 def test_simulator_never_leaves_the_band_and_volume_never_falls():
-    sim = Simulator(list(UNIVERSE), seed=3, volatility=0.05)  # wild, to hit the limits
+    sim = Simulator(DEMO, seed=3, volatility=0.05)  # wild, to hit the limits
     last = {}
     for _ in range(500):
         for tick in sim.step(T0):
@@ -104,7 +106,7 @@ def test_simulator_keeps_to_the_trading_sessions():
 
 async def test_simulated_ticks_pass_validation_end_to_end(redis, keys):
     stop = asyncio.Event()
-    sim = Simulator(list(UNIVERSE), interval=0.01, ignore_clock=True, seed=1)
+    sim = Simulator(DEMO, interval=0.01, ignore_clock=True, seed=1)
     counts = []
 
     def progress(stats):
@@ -122,10 +124,10 @@ async def test_replay_preserves_time_order_and_count(redis, keys, tmp_path, fmt)
     rows = [raw("600519.SH", 1500 + i % 10, seconds=(i * 7919) % 1000, volume=1000) for i in range(300)]
     # distinct times per code so dedup and volume checks keep every row
     for i, r in enumerate(rows):
-        r["ts_code"] = UNIVERSE[i % 5].ts_code
-        r["pre_close"] = UNIVERSE[i % 5].pre_close
-        r["price"] = UNIVERSE[i % 5].pre_close
-        r["name"] = UNIVERSE[i % 5].name
+        r["ts_code"] = DEMO[i % 5].ts_code
+        r["pre_close"] = DEMO[i % 5].pre_close
+        r["price"] = DEMO[i % 5].pre_close
+        r["name"] = DEMO[i % 5].name
         r["volume"] = 0
     path = tmp_path / f"ticks.{fmt}"
     if fmt == "csv":
@@ -209,7 +211,7 @@ async def test_ingest_survives_a_redis_restart_and_loses_no_batch(keys):
     own = servers.start_redis()
     client = connect(own.url)
     stop = asyncio.Event()
-    sim = Simulator(list(UNIVERSE), interval=0.05, ignore_clock=True, seed=9)
+    sim = Simulator(DEMO, interval=0.05, ignore_clock=True, seed=9)
     seen = []
     task = asyncio.create_task(run_ingest(client, keys, sim, stop=stop, on_progress=lambda s: seen.append(s.appended)))
     try:
@@ -231,3 +233,53 @@ async def test_ingest_survives_a_redis_restart_and_loses_no_batch(keys):
         own.stop()
     # every fetched tick was appended or dead-lettered: the batch held during the outage landed
     assert stats.fetched == stats.appended + stats.duplicates + stats.rejected_total
+
+
+# The whole market and new listings: the simulator and validation read the universe.
+
+async def test_the_simulator_gives_valid_ticks_for_5000_stocks_in_one_step(redis, keys):
+    market = default_universe()
+    ticks = Simulator(market.pick(5000), seed=7).step()
+    assert len({t.ts_code for t in ticks}) == 5000
+    assert {market.get(t.ts_code).board for t in ticks} == {b for b in market.board_counts()}
+    writer = TickWriter(redis, keys, partitions=8, source="sim", universe=market)
+    await writer.write(ticks)
+    assert (writer.stats.appended, writer.stats.rejected_total) == (5000, 0)
+    assert len(await all_ticks(redis, keys)) == 5000
+
+
+NEW = Listing.of("688815.SH", "康电新材", 27.40, list_date=T0.date())  # lists on the day of T0
+NEW_UNIVERSE = Universe([NEW])
+
+
+def test_a_new_listing_opens_far_above_its_issue_price_on_its_first_day_and_validates():
+    ticks = [t for _ in range(20) for t in Simulator([NEW], seed=4, today=T0.date()).step(T0)]
+    assert min(t.open for t in ticks) >= round(27.40 * 1.3, 2)  # beyond STAR's 20% band
+    assert all(check_tick(t, None, NEW) is None for t in ticks)
+    assert {check_tick(t, None, None) for t in ticks} == {Reject.OUTSIDE_BAND}  # without its listing date
+
+
+async def test_a_new_listings_ticks_outside_the_usual_band_are_kept_not_dead_lettered(redis, keys):
+    first_day = raw(NEW.ts_code, 68.50, pre_close=27.40, name=NEW.name)  # +150%
+    fifth_day = {**raw(NEW.ts_code, 90.0, pre_close=75.0, name=NEW.name),
+                 "time": (T0 + timedelta(days=6)).isoformat()}  # Monday 11-30 is its fifth trading day
+    sixth_day = {**raw(NEW.ts_code, 120.0, pre_close=90.0, name=NEW.name),
+                 "time": (T0 + timedelta(days=7)).isoformat()}
+    writer = TickWriter(redis, keys, partitions=8, source="test", universe=NEW_UNIVERSE)
+    await writer.write([first_day, fifth_day, sixth_day])
+    assert writer.stats.appended == 2 and writer.stats.rejected == {Reject.OUTSIDE_BAND: 1}
+    (_, fields), = await redis.xrange(keys.dead_letters("ingest"))
+    assert json.loads(fields[b"raw"])["price"] == 120.0
+    unaware = TickWriter(redis, keys, partitions=8, source="test")  # no universe: no listing dates
+    await unaware.write([first_day])
+    assert unaware.stats.rejected == {Reject.OUTSIDE_BAND: 1}
+
+
+def test_a_nameless_tick_takes_the_st_flag_from_the_universe_and_a_named_one_keeps_its_own():
+    st = Listing.of("600289.SH", "ST信通", 10.0)
+    before_st_change = T0.replace(year=2026, month=7, day=3)
+    up_7 = Tick(ts_code="600289.SH", name="", time=before_st_change, price=10.70, pre_close=10.0, source="t")
+    assert check_tick(up_7, None, st) == Reject.OUTSIDE_BAND  # ST band: 5% before 2026-07-06
+    assert check_tick(up_7, None, None) is None
+    named = up_7.model_copy(update={"name": "信通科技"})  # the stock lost its ST mark since the file was made
+    assert check_tick(named, None, st) is None

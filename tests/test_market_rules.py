@@ -4,7 +4,9 @@ from datetime import date
 
 import pytest
 
+from schemas.calendar import is_trading_day, trading_day_number
 from schemas.market import (
+    NO_LIMIT,
     Board,
     InvalidCode,
     board_of,
@@ -112,3 +114,62 @@ def test_percent_change_and_change_since_signal():
     assert percent_change(10.0, 0.0) == 0.0
     assert change_since_signal(10.5, 10.0) == 5.0
     assert change_since_signal(10.5, None) is None
+
+
+# New listings: no price limit in their first trading days (registration-reform rules).
+
+def _band(code, listed, day, pre_close=20.0, name="新股"):
+    return limit_band(code, name, pre_close, day, list_date=listed)
+
+
+@pytest.mark.parametrize(
+    ("code", "seasoned"),
+    [("605614.SH", (18.00, 22.00)), ("001393.SZ", (18.00, 22.00)),  # main board, listed after 2023-04-10
+     ("301579.SZ", (16.00, 24.00)), ("688815.SH", (16.00, 24.00))],  # ChiNext, STAR
+)
+def test_main_chinext_and_star_listings_trade_without_a_limit_for_five_trading_days(code, seasoned):
+    listed = date(2026, 11, 24)  # Tuesday: days 1-5 are 11-24 .. 11-30, skipping the weekend
+    for day in (date(2026, 11, 24), date(2026, 11, 27), date(2026, 11, 30)):
+        band = _band(code, listed, day)
+        assert band == NO_LIMIT and not band.bounded and band.contains(80.0), day
+    sixth = _band(code, listed, date(2026, 12, 1))
+    assert (sixth.low, sixth.high) == seasoned
+
+
+def test_beijing_listings_trade_without_a_limit_on_their_first_day_only():
+    listed = date(2026, 11, 27)
+    assert _band("920042.BJ", listed, listed) == NO_LIMIT
+    second = _band("920042.BJ", listed, date(2026, 11, 30))
+    assert (second.low, second.high) == (14.00, 26.00)
+
+
+def test_the_first_days_are_counted_in_trading_days_skipping_exchange_holidays():
+    # listed the Friday before the 2026 Spring Festival closure (02-16 .. 02-23):
+    # trading days 2-5 are 02-24 .. 02-27; counting weekdays would end the free days on 02-19
+    listed = date(2026, 2, 13)
+    assert _band("605614.SH", listed, date(2026, 2, 27)) == NO_LIMIT
+    assert _band("605614.SH", listed, date(2026, 3, 2)).bounded
+    assert is_trading_day(date(2026, 2, 13)) and not is_trading_day(date(2026, 2, 18))
+    assert trading_day_number(listed, date(2026, 2, 24), stop_after=5) == 2
+
+
+def test_main_board_listings_before_the_2023_reform_had_a_44_percent_first_day_and_then_the_usual_band():
+    listed = date(2022, 6, 1)
+    first = _band("601999.SH", listed, listed, pre_close=10.00)
+    assert (first.low, first.high) == (6.40, 14.40)
+    second = _band("601999.SH", listed, date(2022, 6, 2), pre_close=10.00)
+    assert (second.low, second.high) == (9.00, 11.00)
+    # the reform date itself is under the new rule
+    assert _band("601999.SH", date(2023, 4, 10), date(2023, 4, 14)) == NO_LIMIT
+
+
+def test_a_listing_without_a_date_or_ticked_before_it_lists_has_the_usual_band():
+    assert _band("688815.SH", None, date(2026, 11, 24)).bounded
+    assert _band("688815.SH", date(2026, 11, 24), date(2026, 11, 23)).bounded
+
+
+def test_the_universe_st_flag_overrides_the_name():
+    band = limit_band("600000.SH", "浦发银行", 10.00, BEFORE_ST_CHANGE, st=True)
+    assert (band.low, band.high) == (9.50, 10.50)
+    band = limit_band("600289.SH", "ST信通", 10.00, BEFORE_ST_CHANGE, st=False)
+    assert (band.low, band.high) == (9.00, 11.00)

@@ -36,9 +36,10 @@ def _register() -> None:
     from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_ingest import ingest
     from tickwave.cmd_run import run
+    from tickwave.cmd_universe import universe
     from tickwave.cmd_worker import worker
 
-    for command in (run, db, archive, events, ingest, edge, worker):
+    for command in (run, db, archive, events, ingest, edge, worker, universe):
         main.add_command(command)
 
 

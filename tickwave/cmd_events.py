@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from agents.settings import ArchiverSettings, EventsSettings
 from streams.settings import CommonSettings
-from tickwave.runtime import run_until_signalled, serve_metrics, settings_or_exit
+from tickwave.runtime import pick_or_exit, run_until_signalled, serve_metrics, settings_or_exit, universe_or_exit
 
 log = logging.getLogger("tickwave")
 
@@ -82,7 +82,8 @@ def events() -> None:
 @events.command()
 @click.argument("strategy")
 @click.option("--rate", type=float, default=10.0, show_default=True, help="events per second; 0 = as fast as possible")
-@click.option("--stocks", type=click.IntRange(1, 20), default=10, show_default=True, help="how many real stocks")
+@click.option("--stocks", type=click.IntRange(1), default=10, show_default=True,
+              help="how many stocks of the universe (up to the whole market)")
 @click.option("--count", type=click.IntRange(1), default=None, help="stop after this many events")
 @click.option("--seed", type=int, default=None, help="random seed for a repeatable walk")
 def generate(strategy: str, rate: float, stocks: int, count: int | None, seed: int | None) -> None:
@@ -98,13 +99,14 @@ def generate(strategy: str, rate: float, stocks: int, count: int | None, seed: i
         check_name(strategy, "strategy")
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="STRATEGY") from None
+    listings = pick_or_exit(universe_or_exit(s), stocks)
 
     async def main(stop: asyncio.Event) -> int:
         client = connect(redis_url)
         log_ = EventLog(client, Keys(s.key_prefix), retention_ms=s.event_retention_ms, maxlen=s.event_maxlen)
         with tqdm(total=count, desc=f"events {strategy}", unit="ev", dynamic_ncols=True) as bar:
             try:
-                return await run(log_, strategy, stocks=stocks, rate=rate, count=count, stop=stop,
+                return await run(log_, strategy, listings=listings, rate=rate, count=count, stop=stop,
                                  seed=seed, on_progress=bar.update)
             finally:
                 await client.aclose()

@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from agents.settings import IngestSettings
-from tickwave.runtime import run_until_signalled, serve_metrics, settings_or_exit
+from tickwave.runtime import pick_or_exit, run_until_signalled, serve_metrics, settings_or_exit, universe_or_exit
 
 log = logging.getLogger("tickwave.ingest")
 
@@ -24,7 +24,8 @@ log = logging.getLogger("tickwave.ingest")
               help="CSV or Parquet of ticks (--source file)")
 @click.option("--speed", type=float, default=0.0, show_default=True,
               help="file replay at N× real time; 0 = as fast as possible")
-@click.option("--stocks", type=click.IntRange(1, 20), default=20, show_default=True, help="simulated stocks")
+@click.option("--stocks", type=click.IntRange(1), default=20, show_default=True,
+              help="simulated stocks from the universe (the first 20 are well-known names; up to the whole market)")
 @click.option("--interval", type=float, default=3.0, show_default=True, help="simulator seconds between snapshots")
 @click.option("--ignore-clock", is_flag=True, help="simulate outside trading hours too (demos)")
 @click.option("--seed", type=int, default=None, help="simulator random seed")
@@ -35,7 +36,6 @@ def ingest(source_name: str, codes: str | None, path: Path | None, speed: float,
     from agents.sources import Source
     from agents.sources.replay import FileReplay
     from agents.sources.simulator import Simulator
-    from agents.universe import pick
     from streams.connection import connect
     from streams.keys import Keys
 
@@ -43,6 +43,7 @@ def ingest(source_name: str, codes: str | None, path: Path | None, speed: float,
     if not s.redis_url:
         raise click.UsageError("REDIS_URL is not set")
     redis_url = s.redis_url
+    universe = universe_or_exit(s)
     source: Source
     if source_name == "tushare":
         from agents.sources.tushare import TushareConfigError, TushareSource
@@ -57,7 +58,7 @@ def ingest(source_name: str, codes: str | None, path: Path | None, speed: float,
             raise click.UsageError("--source file needs --file PATH")
         source = FileReplay(path, speed=speed)
     else:
-        source = Simulator(pick(stocks), interval=interval, ignore_clock=ignore_clock, seed=seed)
+        source = Simulator(pick_or_exit(universe, stocks), interval=interval, ignore_clock=ignore_clock, seed=seed)
     serve_metrics(s.ingest_metrics_port)
 
     async def main(stop: asyncio.Event) -> None:
@@ -70,7 +71,8 @@ def ingest(source_name: str, codes: str | None, path: Path | None, speed: float,
 
         try:
             stats = await run_ingest(client, Keys(s.key_prefix), source, stop=stop,
-                                     partitions=s.tick_partitions, maxlen=s.tick_maxlen, on_progress=progress)
+                                     partitions=s.tick_partitions, maxlen=s.tick_maxlen, universe=universe,
+                                     on_progress=progress)
         finally:
             bar.close()
             await client.aclose()

@@ -7,12 +7,13 @@ import asyncio
 import click
 
 from edge.settings import EdgeSettings
-from tickwave.runtime import run_until_signalled, settings_or_exit
+from tickwave.runtime import pick_or_exit, run_until_signalled, settings_or_exit, universe_or_exit
 
 
 @click.command()
 @click.option("--strategy", default="volume_wave", show_default=True, help="demo strategy to fill")
-@click.option("--stocks", type=click.IntRange(1, 20), default=20, show_default=True)
+@click.option("--stocks", type=click.IntRange(1), default=20, show_default=True,
+              help="simulated stocks from the universe (up to the whole market)")
 @click.option("--rate", type=float, default=20.0, show_default=True, help="demo events per second")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="simulator seconds between snapshots")
 @click.option("--port", type=int, default=None, help="edge port (default TICKWAVE_EDGE_PORT or 8000)")
@@ -24,7 +25,9 @@ def run(strategy: str, stocks: int, rate: float, interval: float, port: int | No
     settings = settings_or_exit(EdgeSettings)
     if port is not None:
         settings = settings.model_copy(update={"edge_port": port})
-    options = RunOptions(strategy=strategy, stocks=stocks, rate=rate, interval=interval, duration=duration)
+    universe = universe_or_exit(settings)
+    options = RunOptions(strategy=strategy, listings=pick_or_exit(universe, stocks), universe=universe, rate=rate,
+                         interval=interval, duration=duration)
 
     async def main(stop: asyncio.Event) -> None:
         counts = await run_pipeline(settings, options, stop)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -20,10 +20,10 @@ from agents.archiver import Archiver
 from agents.generator import generate
 from agents.ingest import IngestStats, run_ingest
 from agents.sources.simulator import Simulator
-from agents.universe import pick
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from edge.state import state_key
+from schemas.universe import Listing, Universe, default_universe
 from streams.archive import ArchiveStore
 from streams.connection import connect
 from streams.events import EventLog
@@ -37,7 +37,8 @@ log = logging.getLogger("tickwave.run")
 @dataclass
 class RunOptions:
     strategy: str = "volume_wave"
-    stocks: int = 20
+    listings: list[Listing] = field(default_factory=lambda: default_universe().pick(20))
+    universe: Universe = field(default_factory=default_universe)
     rate: float = 20.0
     interval: float = 1.0
     duration: float | None = None
@@ -96,11 +97,12 @@ async def _run(settings: EdgeSettings, options: RunOptions, stop: asyncio.Event,
         counts.events += n
 
     tasks = [
-        asyncio.create_task(run_ingest(client, keys, Simulator(pick(options.stocks), interval=options.interval,
+        asyncio.create_task(run_ingest(client, keys, Simulator(options.listings, interval=options.interval,
                                                                ignore_clock=True),
-                                       stop=stop, partitions=settings.tick_partitions, on_progress=on_ticks)),
+                                       stop=stop, partitions=settings.tick_partitions, universe=options.universe,
+                                       on_progress=on_ticks)),
         # until the join agent exists, events come from the generator (same append path)
-        asyncio.create_task(generate(EventLog(client, keys), options.strategy, stocks=options.stocks,
+        asyncio.create_task(generate(EventLog(client, keys), options.strategy, listings=options.listings,
                                      rate=options.rate, count=None, stop=stop, on_progress=on_events)),
     ]
     if pool is not None:

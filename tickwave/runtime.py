@@ -12,7 +12,8 @@ import click
 from prometheus_client import start_http_server
 from pydantic_settings import BaseSettings
 
-from streams.settings import ConfigError, load
+from schemas.universe import BadUniverseFile, Listing, Universe, UniverseTooSmall, universe_from
+from streams.settings import CommonSettings, ConfigError, load
 
 T = TypeVar("T")
 S = TypeVar("S", bound=BaseSettings)
@@ -25,6 +26,22 @@ def settings_or_exit(cls: type[S]) -> S:
         return load(cls)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def universe_or_exit(settings: CommonSettings) -> Universe:
+    """The universe TICKWAVE_UNIVERSE_FILE names (or the built-in one), or a usage error naming it."""
+    try:
+        return universe_from(settings.universe_file)
+    except BadUniverseFile as exc:
+        raise click.UsageError(f"TICKWAVE_UNIVERSE_FILE: {exc}") from None
+
+
+def pick_or_exit(universe: Universe, stocks: int) -> list[Listing]:
+    """`stocks` listings of the universe, or a usage error on --stocks."""
+    try:
+        return universe.pick(stocks)
+    except UniverseTooSmall as exc:
+        raise click.BadParameter(str(exc), param_hint="--stocks") from None
 
 
 def serve_metrics(port: int) -> None:

@@ -2,7 +2,9 @@
 
 Level-1 style: one snapshot per stock every `interval` seconds (3 s like the
 exchanges' feeds), in the morning (9:30-11:30) and afternoon (13:00-15:00)
-sessions of Beijing time, unless told to ignore the clock for a demo.
+sessions of Beijing time, unless told to ignore the clock for a demo. A new listing
+in its first days has no limit band: on its first day it opens well above its issue
+price, as A-share listings do, and walks freely.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from datetime import datetime, time
+from datetime import date, datetime, time
 
 from agents.sources import RawTick
-from agents.universe import Listing, pick
 from schemas.events import Tick
 from schemas.market import SHANGHAI, LimitBand, limit_band
+from schemas.universe import Listing, default_universe
 
 SESSIONS = ((time(9, 30), time(11, 30)), (time(13, 0), time(15, 0)))
 
@@ -29,10 +31,10 @@ def in_session(moment: datetime) -> bool:
 
 
 class _Stock:
-    __slots__ = ("listing", "band", "price", "high", "low", "open", "volume", "amount")
+    __slots__ = ("listing", "pre_close", "band", "price", "high", "low", "open", "volume", "amount")
 
-    def __init__(self, listing: Listing, band: LimitBand, open_price: float):
-        self.listing, self.band = listing, band
+    def __init__(self, listing: Listing, pre_close: float, band: LimitBand, open_price: float):
+        self.listing, self.pre_close, self.band = listing, pre_close, band
         self.price = self.high = self.low = self.open = open_price
         self.volume = 0
         self.amount = 0.0
@@ -51,17 +53,25 @@ class Simulator:
         ignore_clock: bool = False,
         seed: int | None = None,
         volatility: float = 0.003,
+        today: date | None = None,
     ):
+        """`today`: the trading day whose limit bands apply (default: today in Beijing)."""
         self.rng = random.Random(seed)
         self.interval = interval
         self.ignore_clock = ignore_clock
         self.volatility = volatility
-        today = datetime.now(SHANGHAI).date()
+        today = today or datetime.now(SHANGHAI).date()
         self.stocks = []
-        for listing in listings or pick(20):
-            band = limit_band(listing.ts_code, listing.name, listing.pre_close, today)
-            open_price = round(min(band.high, max(band.low, listing.pre_close * self.rng.uniform(0.99, 1.01))), 2)
-            self.stocks.append(_Stock(listing, band, open_price))
+        for listing in listings or default_universe().pick(20):
+            if listing.pre_close is None:
+                raise ValueError(f"{listing.ts_code} has no previous close to simulate from")
+            pre = listing.pre_close
+            band = limit_band(listing.ts_code, listing.name, pre, today, list_date=listing.list_date, st=listing.st)
+            first_day = listing.list_date == today
+            # a listing day opens well above the issue price; any other day near the previous close
+            ratio = self.rng.uniform(1.3, 2.5) if first_day and not band.bounded else self.rng.uniform(0.99, 1.01)
+            open_price = round(min(band.high, max(band.low, pre * ratio)), 2)
+            self.stocks.append(_Stock(listing, pre, band, open_price))
 
     def step(self, now: datetime | None = None) -> list[Tick]:
         """Advance every stock one snapshot."""
@@ -83,7 +93,7 @@ class Simulator:
             tick_size = 0.01
             out.append(Tick(
                 ts_code=s.listing.ts_code, name=s.listing.name, time=now, price=s.price,
-                pre_close=s.listing.pre_close, open=s.open, high=s.high, low=s.low,
+                pre_close=s.pre_close, open=s.open, high=s.high, low=s.low,
                 volume=s.volume, amount=s.amount, bid1=round(max(s.band.low, s.price - tick_size), 2),
                 ask1=round(min(s.band.high, s.price + tick_size), 2), source="sim",
             ))

@@ -124,11 +124,16 @@ async def main(n: int, partitions: int, loop: str) -> None:
     print(f"{'worker start to first output':<44} {startup:>12,.1f} s")
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.driver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--loop", choices=["aio", "uvloop"], default="aio",
+                   help="the worker's event loop (uvloop needs `pip install uvloop`)")
+    return p
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--loop", choices=["aio", "uvloop"], default="aio",
-                        help="the worker's event loop (uvloop needs `pip install uvloop`)")
-    args = parser.parse_args()
+    args = parser().parse_args()
     asyncio.run(main(args.messages, args.partitions, args.loop))

@@ -93,7 +93,12 @@ async def main(n: int) -> None:
         print(line("file replay -> ticks topic (full writer)", ours, "ticks/s", base, "raw pipelined XADD"))
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ticks", type=int, default=200_000)
-    asyncio.run(main(p.parse_args().ticks))
+    return p
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parser().parse_args().ticks))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,9 +75,9 @@ async def bench_agent(url: str, keys: Keys, client: AnyRedis, n: int, partitions
                       loop: str) -> tuple[float, float]:
     """(msgs/s through the agent, seconds from worker start to its first output)."""
     broker = f"{url}?prefix={keys.prefix}"
-    env = {**os.environ, "BENCH_BROKER": broker, "BENCH_PARTITIONS": str(partitions),
-           "BENCH_DATADIR": tempfile.mkdtemp(prefix="tickwave-bench-")}
-    log = open(Path(env["BENCH_DATADIR"]) / "worker.log", "wb")
+    datadir = Path(tempfile.mkdtemp(prefix="tickwave-bench-"))
+    env = {**os.environ, "BENCH_BROKER": broker, "BENCH_PARTITIONS": str(partitions), "BENCH_DATADIR": str(datadir)}
+    log = open(datadir / "worker.log", "wb")
     started = time.perf_counter()
     # -l info, not warn: at warn faust's terminal spinner lowers the root logger to DEBUG,
     # and every faust.debug() call then builds a record (7% of the worker's time)
@@ -100,11 +101,13 @@ async def bench_agent(url: str, keys: Keys, client: AnyRedis, n: int, partitions
             await asyncio.sleep(0.02)
         assert first_at is not None
         elapsed = time.perf_counter() - first_at
-        return (n - first_count) / elapsed if elapsed > 0 else float("inf"), first_at - started
+        rate = (n - first_count) / elapsed if elapsed > 0 else float("inf")
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+    shutil.rmtree(datadir)  # kept when the run fails: the error names its worker.log
+    return rate, first_at - started
 
 
 async def main(n: int, partitions: int, loop: str) -> None:

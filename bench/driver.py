@@ -28,6 +28,7 @@ from streams.log import PartitionLog
 from streams.partition import partition_for
 
 REPO = Path(__file__).resolve().parents[1]
+STALL_S = 30.0  # no new output for this long ends the run: the agent is stuck or dead
 
 
 async def preload(client: AnyRedis, keys: Keys, topic: str, n: int, partitions: int) -> None:
@@ -84,15 +85,25 @@ async def bench_agent(url: str, keys: Keys, client: AnyRedis, n: int, partitions
     proc = subprocess.Popen([sys.executable, "-m", "bench.driver_app", "-L", loop, "worker", "-l", "info",
                              "--without-web"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def failed(reason: str) -> RuntimeError:
+        tail = Path(log.name).read_bytes()[-3000:].decode(errors="replace")
+        return RuntimeError(f"{reason}; the end of {log.name}:\n{tail}")
+
     try:
         first_at = None
         done = 0
         last_print = 0.0
+        progressed_at = started
         while done < n:
             if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode}; see {log.name}")
-            done = await out_count(client, keys, "bench-out", partitions)
+                raise failed(f"worker exited with {proc.returncode}")
+            count = await out_count(client, keys, "bench-out", partitions)
             now = time.perf_counter()
+            if count > done:
+                done, progressed_at = count, now
+            elif now - progressed_at > STALL_S:
+                raise failed(f"nothing forwarded for {STALL_S:.0f} s ({done:,}/{n:,})")
             if done and first_at is None:
                 first_at, first_count = now, done
             if now - last_print > 1.0:

@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--loop", choices=["aio", "uvloop"], default="aio",
-                   help="the worker's event loop (uvloop needs `pip install uvloop`)")
+                   help="the worker's event loop (uvloop comes with the `bench` extra)")
     return p
 
 

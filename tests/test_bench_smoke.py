@@ -44,6 +44,7 @@ SMOKES = {
     # by a 20 ms poll, and needs more than one poll to be a number
     "driver": Smoke("python -m bench.driver --messages 3000", ("faust agent",),
                     lines=(r"^worker start to first output +[\d.]+ s$",)),
+    "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
 }
 
 

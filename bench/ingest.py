@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from redis.typing import EncodableT, FieldT
 
 from agents.ingest import run_ingest
 from agents.sources.replay import FileReplay
@@ -55,7 +56,7 @@ async def raw_baseline(url: str, entries: list[tuple[str, EncodedRecord]]) -> fl
             for i in range(0, len(entries), 1000):
                 pipe = client.pipeline(transaction=False)
                 for code, (k, v, h, ts, null) in entries[i:i + 1000]:
-                    fields = {b"k": k, b"v": v, b"h": h, b"t": ts, b"c": CODEC_VERSION}
+                    fields: dict[FieldT, EncodableT] = {b"k": k, b"v": v, b"h": h, b"t": ts, b"c": CODEC_VERSION}
                     if null:
                         fields[b"n"] = null
                     pipe.xadd(keys.topic_partition("ticks", partition_for(code, 8)), fields)

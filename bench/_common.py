@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from streams.keys import Keys
 from tickwave import servers
@@ -60,7 +62,42 @@ async def drop_prefix(client, keys: Keys) -> None:  # type: ignore[no-untyped-de
 
 
 def line(name: str, value: float, unit: str, baseline: float | None = None, base_name: str = "baseline") -> str:
+    """One figure, and its same-run baseline and ratio when there is one: read by people and by
+    `parse_figures` (three spaces part the figure, the baseline and the ratio)."""
     text = f"{name:<44} {value:>12,.1f} {unit}"
     if baseline:
         text += f"   {base_name} {baseline:,.1f} {unit}   ratio {value / baseline:.2f}"
     return text
+
+
+_NUMBER = r"-?[\d,]+\.\d"
+_FIGURE = re.compile(
+    rf"^(?P<name>\S.*?) +(?P<value>{_NUMBER}) (?P<unit>\S+(?: \S+)*?)"
+    rf"(?:   (?P<base_name>\S.*?) (?P<baseline>{_NUMBER}) (?P=unit)   ratio (?P<ratio>\d+\.\d\d))?$"
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One printed figure, with its same-run baseline and ratio when the line has them."""
+
+    name: str
+    value: float
+    unit: str
+    base_name: str | None = None
+    baseline: float | None = None
+    ratio: float | None = None
+
+
+def _number(text: str | None) -> float | None:
+    return None if text is None else float(text.replace(",", ""))
+
+
+def parse_figures(output: str) -> list[Figure]:
+    """The figure lines `line` printed in a benchmark's output, in order."""
+    found = []
+    for row in output.splitlines():
+        if m := _FIGURE.match(row):
+            found.append(Figure(m["name"], float(m["value"].replace(",", "")), m["unit"], m["base_name"],
+                                _number(m["baseline"]), _number(m["ratio"])))
+    return found

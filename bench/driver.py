@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from streams.log import PartitionLog
 from streams.partition import partition_for
 
 REPO = Path(__file__).resolve().parents[1]
+STALL_S = 30.0  # no new output for this long ends the run: the agent is stuck or dead
 
 
 async def preload(client: AnyRedis, keys: Keys, topic: str, n: int, partitions: int) -> None:
@@ -74,24 +76,34 @@ async def bench_agent(url: str, keys: Keys, client: AnyRedis, n: int, partitions
                       loop: str) -> tuple[float, float]:
     """(msgs/s through the agent, seconds from worker start to its first output)."""
     broker = f"{url}?prefix={keys.prefix}"
-    env = {**os.environ, "BENCH_BROKER": broker, "BENCH_PARTITIONS": str(partitions),
-           "BENCH_DATADIR": tempfile.mkdtemp(prefix="tickwave-bench-")}
-    log = open(Path(env["BENCH_DATADIR"]) / "worker.log", "wb")
+    datadir = Path(tempfile.mkdtemp(prefix="tickwave-bench-"))
+    env = {**os.environ, "BENCH_BROKER": broker, "BENCH_PARTITIONS": str(partitions), "BENCH_DATADIR": str(datadir)}
+    log = open(datadir / "worker.log", "wb")
     started = time.perf_counter()
     # -l info, not warn: at warn faust's terminal spinner lowers the root logger to DEBUG,
     # and every faust.debug() call then builds a record (7% of the worker's time)
     proc = subprocess.Popen([sys.executable, "-m", "bench.driver_app", "-L", loop, "worker", "-l", "info",
                              "--without-web"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def failed(reason: str) -> RuntimeError:
+        tail = Path(log.name).read_bytes()[-3000:].decode(errors="replace")
+        return RuntimeError(f"{reason}; the end of {log.name}:\n{tail}")
+
     try:
         first_at = None
         done = 0
         last_print = 0.0
+        progressed_at = started
         while done < n:
             if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode}; see {log.name}")
-            done = await out_count(client, keys, "bench-out", partitions)
+                raise failed(f"worker exited with {proc.returncode}")
+            count = await out_count(client, keys, "bench-out", partitions)
             now = time.perf_counter()
+            if count > done:
+                done, progressed_at = count, now
+            elif now - progressed_at > STALL_S:
+                raise failed(f"nothing forwarded for {STALL_S:.0f} s ({done:,}/{n:,})")
             if done and first_at is None:
                 first_at, first_count = now, done
             if now - last_print > 1.0:
@@ -100,11 +112,13 @@ async def bench_agent(url: str, keys: Keys, client: AnyRedis, n: int, partitions
             await asyncio.sleep(0.02)
         assert first_at is not None
         elapsed = time.perf_counter() - first_at
-        return (n - first_count) / elapsed if elapsed > 0 else float("inf"), first_at - started
+        rate = (n - first_count) / elapsed if elapsed > 0 else float("inf")
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+    shutil.rmtree(datadir)  # kept when the run fails: the error names its worker.log
+    return rate, first_at - started
 
 
 async def main(n: int, partitions: int, loop: str) -> None:
@@ -124,11 +138,16 @@ async def main(n: int, partitions: int, loop: str) -> None:
     print(f"{'worker start to first output':<44} {startup:>12,.1f} s")
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.driver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--loop", choices=["aio", "uvloop"], default="aio",
+                   help="the worker's event loop (uvloop comes with the `bench` extra)")
+    return p
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--loop", choices=["aio", "uvloop"], default="aio",
-                        help="the worker's event loop (uvloop needs `pip install uvloop`)")
-    args = parser.parse_args()
+    args = parser().parse_args()
     asyncio.run(main(args.messages, args.partitions, args.loop))

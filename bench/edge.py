@@ -2,7 +2,8 @@
 (b) memory per idle connection beside a bare aiohttp WebSocket server, (c) resume of
 10,000 missed events beside a raw XRANGE of them. Loopback only, bounded in time.
 
-    python -m bench.edge [fanout|idle|resume|all] [--clients 1000] [--idle 10000] [--seconds 10]
+    python -m bench.edge [fanout|idle|resume|all] [--clients 1000] [--per-batch 25] [--seconds 10]
+                         [--idle 10000] [--missed 10000]
 
 Needs the `bench` extra (python-socketio) for (a).
 """
@@ -150,8 +151,8 @@ async def resume(url: str, missed: int) -> None:
     walk = PriceWalk(default_universe().pick(20), "bench", seed=2)
     first = await log.append_events("bench", [walk.next_event() for _ in range(10)])
     ids: list[str] = []
-    for _ in range(0, missed, 1000):
-        ids += await log.append_events("bench", [walk.next_event() for _ in range(1000)])
+    for start in range(0, missed, 1000):
+        ids += await log.append_events("bench", [walk.next_event() for _ in range(min(1000, missed - start))])
     port = free_port()
     proc = start_edge(url, keys, port)
     samples, raw = [], []
@@ -328,18 +329,24 @@ async def main(args: argparse.Namespace) -> None:
     with redis_url() as url:
         print(f"bench/edge  {time.strftime('%Y-%m-%d %H:%M')}")
         if args.what in ("resume", "all"):
-            await resume(url, 10_000)
+            await resume(url, args.missed)
         if args.what in ("idle", "all"):
             await idle(url, args.idle)
         if args.what in ("fanout", "all"):
             await fanout(url, args.clients, args.seconds, args.per_batch)
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.edge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["fanout", "idle", "resume", "all"])
-    p.add_argument("--clients", type=int, default=1000)
-    p.add_argument("--idle", type=int, default=10_000)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--clients", type=int, default=1000, help="subscribed clients in (a)")
     p.add_argument("--per-batch", type=int, default=25, help="events per 50 ms batch in (a)")
-    asyncio.run(main(p.parse_args()))
+    p.add_argument("--seconds", type=float, default=10.0, help="how long (a) feeds events")
+    p.add_argument("--idle", type=int, default=10_000, help="idle connections in (b)")
+    p.add_argument("--missed", type=int, default=10_000, help="missed events replayed in (c)")
+    return p
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parser().parse_args()))

@@ -1,6 +1,6 @@
 """bench/events: append_events vs plain XADD, archiver vs bare COPY, history across the boundary.
 
-    python -m bench.events [--events 100000]
+    python -m bench.events [--events 100000] [--history 10000]
 
 Uses REDIS_URL / DATABASE_URL when set, else embedded servers. Prints each
 figure beside its baseline from the same run, and the ratio.
@@ -100,32 +100,35 @@ async def bench_archive(rurl: str, purl: str, n: int) -> tuple[float, float]:
         await client.aclose()
 
 
-async def bench_history(rurl: str, purl: str) -> tuple[float, float, int]:
-    """ms for 10,000 events of which about half come from the archive, half from Redis."""
+async def bench_history(rurl: str, purl: str, size: int) -> tuple[float, float, int]:
+    """ms for `size` events of which about half come from the archive, half from Redis."""
     client = connect(rurl)
     keys = fresh_keys()
     try:
         async with scratch_schema(purl) as dsn:
             pool = await create_pool(dsn)
             store = ArchiveStore(pool)
-            log = EventLog(client, keys, maxlen=5000)
-            events = make_events(20_000)
+            half = size // 2
+            # archived a chunk at a time as it is appended; a chunk never exceeds what Redis keeps
+            chunk = min(1000, half)
+            log = EventLog(client, keys, maxlen=half)
+            events = make_events(2 * size)
             ids: list[str] = []
-            for i in range(0, len(events), 1000):
-                ids += await log.append_events("bench", events[i:i + 1000])
-                batch = await log.read_after("bench", ids[-1001] if len(ids) > 1000 else None)
+            for i in range(0, len(events), chunk):
+                ids += await log.append_events("bench", events[i:i + chunk])
+                batch = await log.read_after("bench", ids[-chunk - 1] if len(ids) > chunk else None)
                 await store.write("bench", await log.epoch("bench") or "", batch)
             first_kept = await log.first_id("bench")
             boundary = ids.index(first_kept)  # type: ignore[arg-type]
-            after = ids[max(0, boundary - 5000) - 1]
+            after = ids[max(0, boundary - half) - 1]
             samples, redis_only = [], []
             for _ in range(7):
                 t = time.perf_counter()
-                got = await history(log, store, "bench", epoch=None, after_id=after, limit=10_000)
+                got = await history(log, store, "bench", epoch=None, after_id=after, limit=size)
                 samples.append((time.perf_counter() - t) * 1000)
-                assert got.covered and len(got.events) == 10_000
+                assert got.covered and len(got.events) == size
                 t = time.perf_counter()
-                await log.read_after("bench", first_kept, count=10_000)
+                await log.read_after("bench", first_kept, count=size)
                 redis_only.append((time.perf_counter() - t) * 1000)
             await pool.close()
             return statistics.median(samples), statistics.median(redis_only), len(ids) - boundary
@@ -134,19 +137,33 @@ async def bench_history(rurl: str, purl: str) -> tuple[float, float, int]:
         await client.aclose()
 
 
-async def main(n: int) -> None:
+async def main(n: int, size: int) -> None:
     with redis_url() as rurl, database_url() as purl:
-        print(f"bench/events  {time.strftime('%Y-%m-%d %H:%M')}  events={n}")
+        print(f"bench/events  {time.strftime('%Y-%m-%d %H:%M')}  events={n} history={size}")
         ours, plain = await bench_append(rurl, n)
         print(line("(a) append_events, batches of 100", ours, "ev/s", plain, "plain XADD"))
         ours, bare = await bench_archive(rurl, purl, n)
         print(line("(b) archiver into PostgreSQL", ours, "ev/s", bare, "bare COPY"))
-        ms, redis_ms, in_redis = await bench_history(rurl, purl)
-        print(line("(c) history of 10,000 across the boundary", ms, "ms", redis_ms, "XRANGE 10k"))
-        print(f"    ({10_000 - min(in_redis, 10_000)} from the archive, the rest from Redis; median of 7)")
+        ms, redis_ms, in_redis = await bench_history(rurl, purl, size)
+        print(line(f"(c) history of {size:,} across the boundary", ms, "ms", redis_ms, f"XRANGE {size:,}"))
+        print(f"    ({size - min(in_redis, size)} from the archive, the rest from Redis; median of 7)")
+
+
+def history_size(text: str) -> int:
+    n = int(text)
+    if n < 200:
+        raise argparse.ArgumentTypeError("at least 200: Redis trims whole stream nodes of 100 entries")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=100_000, help="events appended in (a) and archived in (b)")
+    p.add_argument("--history", type=history_size, default=10_000, help="events read across the boundary in (c)")
+    return p
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=100_000)
-    asyncio.run(main(parser.parse_args().events))
+    args = parser().parse_args()
+    asyncio.run(main(args.events, args.history))

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from redis.typing import EncodableT, FieldT
 
 from agents.ingest import run_ingest
 from agents.sources.replay import FileReplay
 from schemas.universe import default_universe
 from bench._common import Timer, drop_prefix, fresh_keys, line, redis_url
 from schemas.market import SHANGHAI
-from streams.codec import encode_record
+from streams.codec import CODEC_VERSION, EncodedRecord, encode_record
 from streams.connection import connect
 from streams.partition import partition_for
 
@@ -46,17 +47,20 @@ def write_file(path: Path, n: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-async def raw_baseline(url: str, entries: list[tuple[str, tuple[bytes, bytes, bytes, bytes]]]) -> float:
-    """redis-benchmark style: pipelined XADD of the same encoded entries, 1,000 per round trip."""
+async def raw_baseline(url: str, entries: list[tuple[str, EncodedRecord]]) -> float:
+    """redis-benchmark style: pipelined XADD of the same encoded entries, 1,000 per round trip,
+    with the fields the append script writes (`n` only when the value is None)."""
     client = connect(url)
     keys = fresh_keys()
     try:
         with Timer() as t:
             for i in range(0, len(entries), 1000):
                 pipe = client.pipeline(transaction=False)
-                for code, (k, v, h, ts) in entries[i:i + 1000]:
-                    pipe.xadd(keys.topic_partition("ticks", partition_for(code, 8)),
-                              {b"k": k, b"v": v, b"h": h, b"t": ts, b"c": b"1"})
+                for code, (k, v, h, ts, null) in entries[i:i + 1000]:
+                    fields: dict[FieldT, EncodableT] = {b"k": k, b"v": v, b"h": h, b"t": ts, b"c": CODEC_VERSION}
+                    if null:
+                        fields[b"n"] = null
+                    pipe.xadd(keys.topic_partition("ticks", partition_for(code, 8)), fields)
                 await pipe.execute()
         return len(entries) / t.seconds
     finally:
@@ -91,7 +95,12 @@ async def main(n: int) -> None:
         print(line("file replay -> ticks topic (full writer)", ours, "ticks/s", base, "raw pipelined XADD"))
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ticks", type=int, default=200_000)
-    asyncio.run(main(p.parse_args().ticks))
+    return p
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parser().parse_args().ticks))

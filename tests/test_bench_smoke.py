@@ -1,0 +1,133 @@
+"""Every benchmark runs as its real command at a tiny size against the test servers and prints
+its figures beside their same-run baselines. No timing is asserted: these prove the benchmarks
+still run, so that a change that breaks one fails here and not on the day someone measures."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bench._common import Figure, parse_figures
+
+REPO = Path(__file__).resolve().parents[1]
+# modules in bench/ that are not benchmarks: plumbing, and the faust app bench.driver starts
+NOT_BENCHMARKS = {"__init__", "_common", "driver_app"}
+
+
+@dataclass(frozen=True)
+class Smoke:
+    command: str
+    figures: tuple[str, ...]  # how each figure's name starts, in the order printed
+    database: bool = False  # needs DATABASE_URL too
+    lines: tuple[str, ...] = ()  # further lines the output must have (regular expressions)
+
+
+SMOKES = {
+    "ingest": Smoke("python -m bench.ingest --ticks 300", ("file replay",)),
+    "events": Smoke("python -m bench.events --events 300 --history 400", ("(a)", "(b)", "(c)"), database=True,
+                    lines=(r"\(200 from the archive, the rest from Redis",)),
+    "edge resume": Smoke("python -m bench.edge resume --missed 300", ("(c)",)),
+    "edge idle": Smoke("python -m bench.edge idle --idle 50", ("(b)",)),
+    "edge fanout": Smoke("python -m bench.edge fanout --clients 3 --seconds 1 --per-batch 2", ("(a)",),
+                         lines=(r"^ +ours +p50 +[\d.]+ ms +p99 +[\d.]+ ms +\([1-9][\d,]* deliveries counted\)$",
+                                r"^ +socketio +p50 +[\d.]+ ms +p99 +[\d.]+ ms +\([1-9][\d,]* deliveries counted\)$")),
+    # thousands, not hundreds: the rate is taken between the first and last output seen
+    # by a 20 ms poll, and needs more than one poll to be a number
+    "driver": Smoke("python -m bench.driver --messages 3000", ("faust agent",),
+                    lines=(r"^worker start to first output +[\d.]+ s$",)),
+    "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
+}
+
+
+def run_bench(smoke: Smoke, redis_url: str, database_url: str | None, timeout: float = 90) -> str:
+    """The benchmark's stdout; fails the test with its output when it exits non-zero or overruns."""
+    env = {**os.environ, "REDIS_URL": redis_url}
+    env.pop("DATABASE_URL", None)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    argv = [sys.executable, *shlex.split(smoke.command)[1:]]
+    # its own process group, so the servers and workers it starts go with it if it hangs
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        failure = None if proc.returncode == 0 else f"exited with {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # asyncio.run cancels main(): the bench's finally blocks stop its servers
+        try:
+            stdout, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        failure = f"did not finish in {timeout:.0f} s"
+    if failure:
+        pytest.fail(f"`{smoke.command}` {failure}\n--- stdout ---\n{stdout}\n--- stderr (tail) ---\n{stderr[-4000:]}",
+                    pytrace=False)
+    return stdout
+
+
+def check_figure(figure: Figure, output: str) -> None:
+    where = f"{figure.name!r} in\n{output}"
+    assert figure.baseline is not None and figure.base_name and figure.ratio is not None, \
+        f"no same-run baseline and ratio for {where}"
+    if figure.unit.split()[0].endswith("/s"):
+        # a rate of zero means nothing went through: the code path is broken, however fast it is
+        assert figure.value > 0 and figure.baseline > 0, f"nothing moved for {where}"
+
+
+@pytest.mark.parametrize("name", SMOKES)
+def test_benchmark_runs_and_prints_its_figures_with_baselines(name: str, request: pytest.FixtureRequest) -> None:
+    smoke = SMOKES[name]
+    redis_url = request.getfixturevalue("redis_url")
+    database_url = request.getfixturevalue("database_url") if smoke.database else None
+    output = run_bench(smoke, redis_url, database_url)
+    figures = [f for f in parse_figures(output) if f.name.startswith(smoke.figures)]
+    assert [next(p for p in smoke.figures if f.name.startswith(p)) for f in figures] == list(smoke.figures), \
+        f"expected figures starting {smoke.figures} in\n{output}"
+    for figure in figures:
+        check_figure(figure, output)
+    for pattern in smoke.lines:
+        assert re.search(pattern, output, re.MULTILINE), f"no line matching {pattern!r} in\n{output}"
+
+
+def modes(module: str) -> list[str]:
+    """The choices of a benchmark's positional argument (bench.edge's modes), without 'all'."""
+    found = importlib.import_module(module).parser()._actions
+    return [c for a in found if not a.option_strings and a.choices for c in a.choices if c != "all"]
+
+
+def test_every_benchmark_and_mode_has_a_smoke_run() -> None:
+    smoked = {tuple(shlex.split(s.command)[2:4]) for s in SMOKES.values()}
+    modules = sorted(f"bench.{p.stem}" for p in (REPO / "bench").glob("*.py") if p.stem not in NOT_BENCHMARKS)
+    missing = []
+    for module in modules:
+        wanted: list[tuple[str, ...]] = [(module, mode) for mode in modes(module)] or [(module,)]
+        missing += [" ".join(w) for w in wanted if not any(s[:len(w)] == w for s in smoked)]
+    assert not missing, f"benchmarks without a smoke run in SMOKES: {missing}"
+
+
+def test_every_command_in_the_benchmarks_doc_is_accepted_by_its_benchmark() -> None:
+    doc = (REPO / "docs" / "benchmarks.md").read_text()
+    commands = re.findall(r"`(python -m bench\.[^`]*)`", doc)
+    assert commands, "docs/benchmarks.md names no benchmark command"
+    smoked = {shlex.split(s.command)[2] for s in SMOKES.values()}
+    wrong = []
+    for command in commands:
+        _, _, module, *args = shlex.split(command)
+        try:
+            importlib.import_module(module).parser().parse_args(args)
+        except (SystemExit, ModuleNotFoundError):
+            wrong.append(f"`{command}`: not accepted by {module} (see its usage above)")
+            continue
+        if module not in smoked:
+            wrong.append(f"`{command}`: {module} has no smoke run")
+    assert not wrong, "docs/benchmarks.md:\n" + "\n".join(wrong)

@@ -296,10 +296,10 @@ async def fanout_socketio(url: str, n: int, seconds: float, per_batch: int, ever
         publisher = socketio.AsyncRedisManager(url, channel=channel, write_only=True)
         walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
         stop_at[0] = time.time() + seconds + 2
-        from edge.frames import price_item
+        from schemas.messages import price_row
 
         async def write(events: list[Any]) -> None:
-            rows = [price_item(f"{int(time.time() * 1000)}-{i}", json.loads(e.model_dump_json()))
+            rows = [price_row(f"{int(time.time() * 1000)}-{i}", json.loads(e.model_dump_json()))
                     for i, e in enumerate(events)]
             await publisher.emit("price_update", {"type": "price_update", "data": rows, "count": len(rows),
                                                   "target": "bench"}, room="bench")

@@ -25,7 +25,7 @@ from bench._common import (
     redis_url,
     scratch_schema,
 )
-from streams.archive import ArchiveStore, row_from_fields
+from streams.archive import ArchiveStore, row_from_entry
 from streams.codec import encode_event
 from streams.connection import connect
 from streams.events import EventLog
@@ -74,7 +74,7 @@ async def bench_archive(rurl: str, purl: str, n: int) -> tuple[float, float]:
                 await log.append_events("bench", events[i:i + 1000])
             epoch = await log.epoch("bench") or "e"
             raw = await client.xrange(keys.events("bench"))
-            rows = [row_from_fields("bench", epoch, eid.decode(), "600519.SH", f) for eid, f in raw]
+            rows = [row_from_entry("bench", epoch, eid.decode(), f) for eid, f in raw]
             # baseline: a bare COPY of the same rows into an identical table, no staging, no dedup
             async with pool.acquire() as conn:
                 await conn.execute("CREATE TABLE bare (LIKE event_archive INCLUDING ALL)")

@@ -1,7 +1,7 @@
 """Build the built-in universe, schemas/data/universe.csv, from the adata wheel's code list.
 
     pip download adata==2.9.5 --no-deps -d /tmp/adata
-    python scripts/build_universe.py /tmp/adata/adata-2.9.5-py3-none-any.whl
+    python infra/build_universe.py /tmp/adata/adata-2.9.5-py3-none-any.whl
 
 The same wheel and --as-of give the same file, byte for byte. What goes in:
 

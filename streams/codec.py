@@ -127,6 +127,8 @@ _EVENT_CLASSES: dict[bytes, type[PriceChange] | type[SignalChange]] = {
     b"signal": SignalChange,
 }
 
+_VERSIONS = {cls: str(cls.SCHEMA_VERSION).encode() for cls in _EVENT_CLASSES.values()}
+
 # (type, from_version) -> function turning a v(N) dict into a v(N+1) dict.
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 UPCASTERS: dict[tuple[bytes, int], Upcaster] = {}
@@ -136,10 +138,16 @@ def event_type(event: Event) -> bytes:
     return b"price" if isinstance(event, PriceChange) else b"signal"
 
 
-def encode_event(event: Event) -> dict[bytes, bytes]:
-    """Fields of one event entry; the event id is the entry id, so it is not stored."""
+def encode_event_parts(event: Event) -> tuple[bytes, bytes, bytes]:
+    """(type, schema version, JSON body) of an event as stored; the event id is the entry id,
+    so it is not in the body."""
     body = event.model_dump_json(exclude={"event_id"} if isinstance(event, PriceChange) else None)
-    return event_fields(event_type(event), type(event).SCHEMA_VERSION, body.encode())
+    return event_type(event), _VERSIONS[type(event)], body.encode()
+
+
+def encode_event(event: Event) -> dict[bytes, bytes]:
+    """Fields of one event entry."""
+    return event_fields(*encode_event_parts(event))
 
 
 def event_fields(kind: bytes, schema_version: int | bytes, body: bytes) -> dict[bytes, bytes]:

@@ -19,6 +19,7 @@ from streams.codec import (
     Event,
     StoredEvent,
     decode,
+    encode_event_parts,
     event_fields,
     lazy,
     parse_id,
@@ -42,7 +43,7 @@ Position = tuple[str, int]
 
 
 def _event_args(event: Event, source: Position | None) -> list[bytes | str | int]:
-    stored = StoredEvent("", event)  # the codec's view of the event: type, version, body
+    kind, version, body = encode_event_parts(event)
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
         snap: list[bytes | str | int] = [b"set", event.ts_code]
@@ -50,7 +51,7 @@ def _event_args(event: Event, source: Position | None) -> list[bytes | str | int
         position = [source[0], source[1]] if source else ["", 0]
         # a removed signal takes the stock out of the strategy's list
         snap = [b"del" if event.action == "remove" else b"", event.signal.ts_code]
-    return [*position, *snap, stored.kind.encode(), str(stored.schema_version).encode(), stored.body]
+    return [*position, *snap, kind, version, body]
 
 
 class EventLog:

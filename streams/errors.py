@@ -34,6 +34,11 @@ class ScriptMissing(CommandError):
     """EVALSHA of a script Redis no longer caches (it restarted); nothing was run."""
 
 
+class OffsetConflict(CommandError):
+    """A conditional append found its partition at another offset than expected; nothing was
+    written. Another writer got there first, or an earlier try of the same append landed."""
+
+
 class CorruptEntry(StreamsError):
     """A stream entry that the codec cannot decode; it belongs in the dead-letter stream."""
 
@@ -74,6 +79,8 @@ def translate(exc: BaseException, action: str) -> BaseException:
             return NoGroup(f"{action}: {exc}")
         if text.startswith("BUSYGROUP"):
             return GroupExists(f"{action}: {exc}")
+        if text.startswith("OFFSETCONFLICT"):
+            return OffsetConflict(f"{action}: {exc}")
         return CommandError(f"{action}: {exc}")
     return exc
 

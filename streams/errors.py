@@ -60,6 +60,14 @@ class MigrationError(StreamsError):
     """A migration failed; the schema is left as it was before the run."""
 
 
+class SignalNotFound(StreamsError, LookupError):
+    """A remove of a signal the strategy's list does not hold; nothing was written."""
+
+
+class BadSignals(StreamsError, ValueError):
+    """Signals that cannot be stored (an import file's bad rows, each named); nothing was written."""
+
+
 _UNAVAILABLE_REPLIES = ("LOADING", "BUSY ", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
 
 
@@ -99,9 +107,11 @@ def translated(action: str) -> Iterator[None]:
 
 @contextmanager
 def pg_translated(action: str) -> Iterator[None]:
-    """Connection-level asyncpg and OS errors become ArchiveUnavailable."""
+    """Connection-level asyncpg and OS errors become ArchiveUnavailable (a backend terminated
+    by an administrator or a server shutdown says so first, as AdminShutdown or CrashShutdown)."""
     try:
         yield
-    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.InterfaceError) as exc:
+    except (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
+            asyncpg.exceptions.InterfaceError) as exc:
         raise ArchiveUnavailable(f"{action}: {exc}") from exc

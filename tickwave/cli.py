@@ -36,8 +36,9 @@ def _register() -> None:
     from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_ingest import ingest
     from tickwave.cmd_run import run
+    from tickwave.cmd_signals import signals
 
-    for command in (run, db, archive, events, ingest, edge):
+    for command in (run, db, archive, events, ingest, edge, signals):
         main.add_command(command)
 
 

@@ -38,3 +38,14 @@ class EventsSettings(CommonSettings):
 
     event_retention_ms: int = Field(24 * 3600 * 1000, ge=1000, description="events kept in Redis (MINID ~)")
     event_maxlen: int | None = Field(None, ge=100, description="if set, keep about this many events instead")
+
+
+class RelaySettings(CommonSettings):
+    """`tickwave relay`: moves signal outbox rows to the `signals` topic (one leads, others stand by)."""
+
+    relay_batch: int = Field(500, ge=1, le=100_000, description="outbox rows read per round")
+    relay_poll_s: float = Field(
+        1.0, gt=0, description="seconds between outbox polls when no NOTIFY came (the fallback for a lost one)"
+    )
+    relay_standby_s: float = Field(1.0, gt=0, description="seconds between a standby's tries to take the lead")
+    relay_metrics_port: int = Field(9104, ge=0, le=65535, description="/metrics port (0: off)")

@@ -60,6 +60,15 @@ async def sql(pg_url: str, query: str, *args: Any) -> Any:
         await conn.close()
 
 
+async def script(pg_url: str, statements: str) -> None:
+    """Run several statements (DDL a test adds to its own schema)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(statements)
+    finally:
+        await conn.close()
+
+
 def header_id(record: Record) -> int:
     return int(dict(record.headers)["outbox_id"])
 

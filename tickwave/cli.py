@@ -36,9 +36,9 @@ def _register() -> None:
     from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_ingest import ingest
     from tickwave.cmd_run import run
-    from tickwave.cmd_signals import signals
+    from tickwave.cmd_signals import relay, signals
 
-    for command in (run, db, archive, events, ingest, edge, signals):
+    for command in (run, db, archive, events, ingest, edge, signals, relay):
         main.add_command(command)
 
 

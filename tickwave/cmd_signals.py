@@ -1,10 +1,11 @@
-"""`tickwave signals add|remove|list|import`."""
+"""`tickwave signals add|remove|list|import` and `tickwave relay`."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -15,10 +16,12 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
+from agents.settings import RelaySettings
 from schemas.market import SHANGHAI
 from streams.settings import CommonSettings
-from tickwave.runtime import settings_or_exit
+from tickwave.runtime import run_until_signalled, serve_metrics, settings_or_exit
 
+log = logging.getLogger("tickwave.relay")
 T = TypeVar("T")
 
 
@@ -145,3 +148,34 @@ def import_(path: Path, strategy: str | None, replace: bool) -> None:
     result = _with_store(lambda store: store.import_signals(wanted, replace=replace))
     click.echo(f"imported {path.name}: {result.added} added, {result.updated} updated, "
                f"{result.removed} removed, {result.unchanged} unchanged")
+
+
+@click.command()
+def relay() -> None:
+    """Move signal outbox rows to the `signals` topic until SIGINT/SIGTERM (one leads, others wait)."""
+    from agents.relay import Relay, RelayError
+    from streams.connection import connect
+    from streams.keys import Keys
+
+    s = settings_or_exit(RelaySettings)
+    if not s.redis_url or not s.database_url:
+        raise click.UsageError(f"{'REDIS_URL' if not s.redis_url else 'DATABASE_URL'} is not set")
+    redis_url, database_url = s.redis_url, s.database_url
+    serve_metrics(s.relay_metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        client = connect(redis_url)
+        relay_ = Relay(client, Keys(s.key_prefix), database_url, tick_partitions=s.tick_partitions,
+                       batch=s.relay_batch, poll_s=s.relay_poll_s, standby_s=s.relay_standby_s)
+        log.info("relay started", extra={"batch": s.relay_batch, "poll_s": s.relay_poll_s})
+        try:
+            stats = await relay_.run(stop)
+        except RelayError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            await client.aclose()
+        log.info("relay stopped", extra={"relayed": stats.relayed, "last_id": stats.last_id,
+                                         "conflicts": stats.conflicts})
+
+    run_until_signalled(main)
+

@@ -14,6 +14,7 @@ from streams.archive import ArchiveStore
 from streams.connection import AnyRedis
 from streams.events import EventLog
 from streams.keys import Keys
+from streams.signals import SignalStore
 
 if TYPE_CHECKING:
     from edge.hub import Hub
@@ -30,6 +31,7 @@ class EdgeState:
     pool: Any
     verifier: TokenVerifier | None
     addresses: AddressCounter
+    signals: SignalStore | None = None  # with the pool: the signal list the seed's list call reads
     sessions: set[Any] = field(default_factory=set)
 
 

@@ -9,12 +9,11 @@ import logging
 from typing import Any
 
 import asyncpg
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge.state import state_key
-from schemas.messages import price_row, signal_row
+from schemas.messages import price_row
 from streams.codec import parse_id
 from streams.errors import ArchiveUnavailable
 from streams.history import history
@@ -50,17 +49,14 @@ async def buy_signals(request: web.Request) -> web.Response:
         check_name(strategy, "strategy")
     except ValueError as exc:
         return error(400, str(exc))
-    if st.signals is None:
+    if st.signal_lists is None:
         return error(503, "signals are unavailable: this edge has no DATABASE_URL")
     try:
-        records = await st.signals.records(strategy, side="buy")
+        body = await st.signal_lists.buy(strategy)
     except (ArchiveUnavailable, asyncpg.exceptions.UndefinedTableError) as exc:
         log.warning("signal list unavailable", extra={"strategy": strategy, "error": str(exc)})
         return error(503, "signals are unavailable right now; retry shortly")
-    rows = [signal_row(r) for r in records]
-    # orjson writes the dates as ISO text; one call for the whole body is most of this handler's speed
-    return web.Response(body=orjson.dumps({"strategy": strategy, "data": rows, "count": len(rows)}),
-                        content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
 
 
 async def strategies(request: web.Request) -> web.Response:

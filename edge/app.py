@@ -13,6 +13,7 @@ from edge.auth import TokenVerifier
 from edge.hub import Hub
 from edge.limits import AddressCounter
 from edge.settings import EdgeSettings
+from edge.signal_lists import SignalLists
 from edge.state import EdgeState, state_key
 from edge.ws import websocket
 from streams.archive import ArchiveStore
@@ -63,7 +64,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
         hub = Hub(client, keys, events, node=settings.edge_node, tick_partitions=settings.tick_partitions)
         app[state_key] = EdgeState(settings, client, keys, events, hub, ArchiveStore(pool) if pool else None,
                                    pool, verifier, AddressCounter(settings.edge_max_connections_per_ip),
-                                   SignalStore(pool) if pool else None)
+                                   SignalLists(SignalStore(pool)) if pool else None)
         log.info("edge started", extra={"node": settings.edge_node, "group": hub.group,
                                          "auth": bool(verifier), "archive": bool(pool)})
         yield

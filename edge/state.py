@@ -9,12 +9,12 @@ from aiohttp import web
 
 from edge.auth import TokenVerifier
 from edge.limits import AddressCounter
+from edge.signal_lists import SignalLists
 from edge.settings import EdgeSettings
 from streams.archive import ArchiveStore
 from streams.connection import AnyRedis
 from streams.events import EventLog
 from streams.keys import Keys
-from streams.signals import SignalStore
 
 if TYPE_CHECKING:
     from edge.hub import Hub
@@ -31,7 +31,7 @@ class EdgeState:
     pool: Any
     verifier: TokenVerifier | None
     addresses: AddressCounter
-    signals: SignalStore | None = None  # with the pool: the signal list the seed's list call reads
+    signal_lists: SignalLists | None = None  # with the pool: what the seed's list call answers
     sessions: set[Any] = field(default_factory=set)
 
 

@@ -190,6 +190,12 @@ class SignalStore:
         """Current signals (of one strategy, of one side), newest signal date first."""
         return [_signal(r) for r in await self.records(strategy, side)]
 
+    async def last_change(self) -> int:
+        """The newest outbox id: it moves with every committed change, and only then (ids are
+        handed out in commit order), so a reader can keep what it built until it moves."""
+        with pg_translated("signals read"):
+            return int(await self.pool.fetchval("SELECT coalesce(max(id), 0) FROM signal_outbox", timeout=5))
+
     async def records(self, strategy: str | None = None, side: str | None = None) -> list[asyncpg.Record]:
         """The list as rows (the edge's hot path builds its JSON from these without models)."""
         if strategy is not None:

@@ -68,6 +68,26 @@ async def test_an_import_shows_in_the_list_and_a_strategy_without_signals_has_an
         assert await buy_list(session, strategy="nobody") == (200, {"strategy": "nobody", "data": [], "count": 0})
 
 
+async def test_the_list_follows_every_change_at_once(redis, redis_url, keys, pg_url, store):
+    async def codes_listed(session):
+        status, doc = await buy_list(session, strategy="volume_wave")
+        assert status == 200
+        return [(row["ts_code"], row["signal_price"]) for row in doc["data"]]
+
+    async with edge_client(redis_url, keys, pg_url) as session:
+        assert await codes_listed(session) == []
+        await store.add(sig("600519.SH"))
+        assert await codes_listed(session) == [("600519.SH", 10.0)]
+        await store.add(sig("600519.SH", price=11.0))
+        assert await codes_listed(session) == [("600519.SH", 11.0)]
+        await store.add(sig("600519.SH", strategy="breakout"))  # another list changed: this one is the same
+        assert await codes_listed(session) == [("600519.SH", 11.0)]
+        await store.import_signals([sig("000001.SZ")])
+        assert await codes_listed(session) == [("000001.SZ", 10.0), ("600519.SH", 11.0)]
+        await store.remove("volume_wave", "600519.SH")
+        assert await codes_listed(session) == [("000001.SZ", 10.0)]
+
+
 @pytest.mark.parametrize(("params", "message"), [
     ({}, "strategy is required"),
     ({"strategy": ""}, "strategy is required"),

@@ -331,8 +331,10 @@ class Outbox:
                 up_to)
 
     async def last_id(self) -> int:
+        """The highest id ever handed out (the sequence, not max(id): relayed rows may be deleted)."""
         with pg_translated("outbox read"):
-            return int(await self.conn.fetchval("SELECT coalesce(max(id), 0) FROM signal_outbox"))
+            return int(await self.conn.fetchval(
+                "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('signal_outbox', 'id')::regclass), 0)"))
 
     async def backlog(self) -> Backlog:
         with pg_translated("outbox backlog"):

@@ -99,6 +99,7 @@ class SignalChanges:
         return [_signal(r) for r in records]
 
     async def get(self, strategy: str, ts_code: str) -> Signal | None:
+        """One signal as this transaction sees it, or None."""
         record = await self.conn.fetchrow(f"{_SELECT} WHERE strategy = $1 AND ts_code = $2", strategy, ts_code)
         return _signal(record) if record else None
 
@@ -209,6 +210,7 @@ class SignalStore:
 
 
 def check_unique(signals: Sequence[Signal]) -> None:
+    """BadSignals when two signals share a strategy and code (which one would win is a guess)."""
     seen: set[tuple[str, str]] = set()
     dupes = []
     for s in signals:
@@ -225,7 +227,8 @@ CSV_COLUMNS = _FIELDS
 
 
 def _csv_date(raw: str) -> str:
-    # Tushare and most A-share tools write trade dates as YYYYMMDD
+    """ISO text from YYYYMMDD, the way Tushare and most A-share tools write trade dates (pydantic
+    reads a run of digits as a Unix timestamp and refuses it)."""
     raw = raw.strip()
     if len(raw) == 8 and raw.isdigit():
         return f"{raw[:4]}-{raw[4:6]}-{raw[6:]}"

@@ -181,7 +181,9 @@ async def test_an_old_leader_still_appending_after_losing_postgres_is_fenced(red
             # its session ends (the leadership with it) while it is in the middle of its batch
             ended = await sql(pg_url, "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a JOIN pg_locks l "
                               "ON l.pid = a.pid AND l.locktype = 'advisory' AND l.granted "
-                              "WHERE a.application_name = $1", APPLICATION_NAME)
+                              "WHERE a.application_name = $1 AND l.objid = "  # this schema's leadership lock
+                              "(hashtext('tickwave.signal_relay.' || current_schema())::bigint & 4294967295)::oid",
+                              APPLICATION_NAME)
             assert len(ended) == 1
             assert await topic_count(redis, keys) < 3000, "the old leader was still appending"
             await wait_until(holds(lambda: new.stats.terms == 1), 10, "the standby to take over")

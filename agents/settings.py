@@ -60,3 +60,14 @@ class WorkerSettings(EventsSettings):
     worker_broker_options: str = Field(
         "", description="driver URL parameters added to the broker URL, e.g. 'session_timeout=3&heartbeat_interval=0.5'"
                         " (see docs/faust-redis.md)")
+
+
+class RelaySettings(CommonSettings):
+    """`tickwave relay`: moves signal outbox rows to the `signals` topic (one leads, others stand by)."""
+
+    relay_batch: int = Field(500, ge=1, le=100_000, description="outbox rows read per round")
+    relay_poll_s: float = Field(
+        1.0, gt=0, description="seconds between outbox polls when no NOTIFY came (the fallback for a lost one)"
+    )
+    relay_standby_s: float = Field(1.0, gt=0, description="seconds between a standby's tries to take the lead")
+    relay_metrics_port: int = Field(9104, ge=0, le=65535, description="/metrics port (0: off)")

@@ -1,20 +1,25 @@
-"""HTTP API: strategies, snapshots, streamed history, health, readiness and metrics."""
+"""HTTP API: the signal list, strategies, snapshots, streamed history, health, readiness and metrics."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge.state import state_key
 from schemas.messages import price_row
 from streams.codec import parse_id
+from streams.errors import ArchiveUnavailable
 from streams.history import history
 from streams.keys import check_name
+
+log = logging.getLogger("tickwave.edge")
 
 PAGE = 1000
 CSV_FIELDS = ["event_id", "strategy", "ts_code", "name", "price", "pre_close", "change", "change_percent",
@@ -31,6 +36,27 @@ def _strategy(request: web.Request) -> str:
         return check_name(name, "strategy")
     except ValueError as exc:
         raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+
+
+async def buy_signals(request: web.Request) -> web.Response:
+    """`GET /api/signals/buy?strategy=S`: the seed's list call, the strategy's current buy
+    signals from PostgreSQL (a `SignalList`); an unknown strategy has an empty list."""
+    st = request.app[state_key]
+    strategy = request.query.get("strategy", "")
+    if not strategy:
+        return error(400, "strategy is required, e.g. /api/signals/buy?strategy=volume_wave")
+    try:
+        check_name(strategy, "strategy")
+    except ValueError as exc:
+        return error(400, str(exc))
+    if st.signal_lists is None:
+        return error(503, "signals are unavailable: this edge has no DATABASE_URL")
+    try:
+        body = await st.signal_lists.buy(strategy)
+    except (ArchiveUnavailable, asyncpg.exceptions.UndefinedTableError) as exc:
+        log.warning("signal list unavailable", extra={"strategy": strategy, "error": str(exc)})
+        return error(503, "signals are unavailable right now; retry shortly")
+    return web.Response(body=body, content_type="application/json")
 
 
 async def strategies(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from edge.auth import TokenVerifier
 from edge.hub import Hub
 from edge.limits import AddressCounter
 from edge.settings import EdgeSettings
+from edge.signal_lists import SignalLists
 from edge.state import EdgeState, state_key
 from edge.ws import websocket
 from streams.archive import ArchiveStore
@@ -20,6 +21,7 @@ from streams.connection import connect
 from streams.events import EventLog
 from streams.keys import Keys
 from streams.pg import create_pool
+from streams.signals import SignalStore
 
 log = logging.getLogger("tickwave.edge")
 STATIC = Path(__file__).parent / "static"
@@ -61,7 +63,8 @@ def create_app(settings: EdgeSettings) -> web.Application:
                                   audience=settings.edge_jwt_audience) if settings.auth_enabled else None)
         hub = Hub(client, keys, events, node=settings.edge_node, tick_partitions=settings.tick_partitions)
         app[state_key] = EdgeState(settings, client, keys, events, hub, ArchiveStore(pool) if pool else None,
-                                   pool, verifier, AddressCounter(settings.edge_max_connections_per_ip))
+                                   pool, verifier, AddressCounter(settings.edge_max_connections_per_ip),
+                                   SignalLists(SignalStore(pool)) if pool else None)
         log.info("edge started", extra={"node": settings.edge_node, "group": hub.group,
                                          "auth": bool(verifier), "archive": bool(pool)})
         yield
@@ -76,6 +79,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.router.add_get("/ws/stock/prices", websocket)
     app.router.add_get("/ws", websocket)
+    app.router.add_get("/api/signals/buy", api.buy_signals)
     app.router.add_get("/api/strategies", api.strategies)
     app.router.add_get("/api/strategies/{strategy}/snapshot", api.snapshot)
     app.router.add_get("/api/strategies/{strategy}/events", api.events)

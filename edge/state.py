@@ -9,6 +9,7 @@ from aiohttp import web
 
 from edge.auth import TokenVerifier
 from edge.limits import AddressCounter
+from edge.signal_lists import SignalLists
 from edge.settings import EdgeSettings
 from streams.archive import ArchiveStore
 from streams.connection import AnyRedis
@@ -30,6 +31,7 @@ class EdgeState:
     pool: Any
     verifier: TokenVerifier | None
     addresses: AddressCounter
+    signal_lists: SignalLists | None = None  # with the pool: what the seed's list call answers
     sessions: set[Any] = field(default_factory=set)
 
 

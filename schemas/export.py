@@ -8,10 +8,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.events import PriceChange, Signal, SignalChange, Tick
-from schemas.messages import CLIENT_MESSAGES, SERVER_MESSAGES
+from schemas.messages import CLIENT_MESSAGES, HTTP_RESPONSES, SERVER_MESSAGES
 
 ALL_MODELS: tuple[type[BaseModel], ...] = (
-    Tick, Signal, SignalChange, PriceChange, *CLIENT_MESSAGES, *SERVER_MESSAGES,
+    Tick, Signal, SignalChange, PriceChange, *CLIENT_MESSAGES, *SERVER_MESSAGES, *HTTP_RESPONSES,
 )
 
 

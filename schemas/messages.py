@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -152,6 +152,43 @@ class SignalUpdate(ServerMessage):
     event_id: str | None = None
 
 
+class SignalItem(Frozen):
+    """One row of `GET /api/signals/buy`: a signal in the seed's list style (`code` beside `ts_code`)."""
+
+    code: str
+    ts_code: str
+    name: str
+    side: Literal["buy", "sell"]
+    signal_date: date
+    signal_price: float | None = None
+    confidence: float | None = None
+    reason: str = ""
+
+
+class SignalList(Frozen):
+    """`GET /api/signals/buy?strategy=`: the strategy's current buy signals, newest signal date first."""
+
+    strategy: str
+    data: list[SignalItem]
+    count: int
+
+
+def signal_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A `SignalItem` as a dict from a Signal-shaped mapping (a model dump or a database row):
+    the one builder of signal rows; the list call uses it on rows without building models."""
+    code = doc["ts_code"]
+    return {
+        "code": code.split(".", 1)[0],
+        "ts_code": code,
+        "name": doc["name"],
+        "side": doc["side"],
+        "signal_date": doc["signal_date"],
+        "signal_price": doc["signal_price"],
+        "confidence": doc["confidence"],
+        "reason": doc["reason"],
+    }
+
+
 class Pong(ServerMessage):
     type: Literal["pong"] = "pong"
     timestamp: datetime = Field(default_factory=_now)
@@ -183,6 +220,8 @@ SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, Pong, Error,
 )
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (Subscribe, Unsubscribe, Ping)
+# HTTP API bodies with a schema of their own (the rest reuse the models above)
+HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList,)
 
 
 class ProtocolError(ValueError):

@@ -2,9 +2,13 @@
 -- Works on Redis 6.2 and 7.x, and in Cluster: both keys share one hash tag.
 -- KEYS[1] partition stream, KEYS[2] its sequence counter
 -- ARGV[1] MAXLEN (0 = no trimming), ARGV[2] codec version,
+-- ARGV[3] expected offset of the first record ('' = append wherever the partition is),
 -- then five values per record: key, value, headers, timestamp ms, null flags
 -- ('v' when the value is None, else empty: the field is then left out).
--- Returns the offset of the first record (its id is 0-<offset+1>).
+-- Returns the offset of the first record (its id is 0-<offset+1>), or the error
+-- OFFSETCONFLICT when an expected offset is given and the partition is elsewhere:
+-- then nothing is written. That check is the fence of a conditional writer (the signals
+-- relay): two writers that both believe the partition is at n cannot both append there.
 local seq = redis.call('GET', KEYS[2])
 if seq then
   seq = tonumber(seq)
@@ -16,11 +20,14 @@ else
     seq = tonumber(string.match(last[1][1], '%-(%d+)$'))
   end
 end
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= seq then
+  return redis.error_reply('OFFSETCONFLICT expected ' .. ARGV[3] .. ' next ' .. seq)
+end
 local first = seq
 local maxlen = tonumber(ARGV[1])
-local n = (#ARGV - 2) / 5
+local n = (#ARGV - 3) / 5
 for i = 0, n - 1 do
-  local b = 3 + i * 5
+  local b = 4 + i * 5
   seq = seq + 1
   local args = {KEYS[1]}
   if maxlen > 0 and i == n - 1 then

@@ -34,6 +34,11 @@ class ScriptMissing(CommandError):
     """EVALSHA of a script Redis no longer caches (it restarted); nothing was run."""
 
 
+class OffsetConflict(CommandError):
+    """A conditional append found its partition at another offset than expected; nothing was
+    written. Another writer got there first, or an earlier try of the same append landed."""
+
+
 class CorruptEntry(StreamsError):
     """A stream entry that the codec cannot decode; it belongs in the dead-letter stream."""
 
@@ -55,6 +60,14 @@ class MigrationError(StreamsError):
     """A migration failed; the schema is left as it was before the run."""
 
 
+class SignalNotFound(StreamsError, LookupError):
+    """A remove of a signal the strategy's list does not hold; nothing was written."""
+
+
+class BadSignals(StreamsError, ValueError):
+    """Signals that cannot be stored (an import file's bad rows, each named); nothing was written."""
+
+
 _UNAVAILABLE_REPLIES = ("LOADING", "BUSY ", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
 
 
@@ -74,6 +87,8 @@ def translate(exc: BaseException, action: str) -> BaseException:
             return NoGroup(f"{action}: {exc}")
         if text.startswith("BUSYGROUP"):
             return GroupExists(f"{action}: {exc}")
+        if text.startswith("OFFSETCONFLICT"):
+            return OffsetConflict(f"{action}: {exc}")
         return CommandError(f"{action}: {exc}")
     return exc
 
@@ -92,9 +107,11 @@ def translated(action: str) -> Iterator[None]:
 
 @contextmanager
 def pg_translated(action: str) -> Iterator[None]:
-    """Connection-level asyncpg and OS errors become ArchiveUnavailable."""
+    """Connection-level asyncpg and OS errors become ArchiveUnavailable (a backend terminated
+    by an administrator or a server shutdown says so first, as AdminShutdown or CrashShutdown)."""
     try:
         yield
-    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.InterfaceError) as exc:
+    except (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
+            asyncpg.exceptions.InterfaceError) as exc:
         raise ArchiveUnavailable(f"{action}: {exc}") from exc

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from redis.asyncio.cluster import RedisCluster
 
-from streams.codec import CODEC_VERSION, EncodedRecord, id_to_offset
-from streams.connection import AnyRedis
+from streams.codec import CODEC_VERSION, EncodedRecord, Record, decode_record, id_to_offset
+from streams.connection import AnyRedis, execute
 from streams.errors import ScriptMissing, StreamUnavailable, translate, translated
 from streams.keys import Keys
 
 APPEND_LUA = files("streams").joinpath("append_records.lua").read_text()
 
 TopicPartition = tuple[str, int]
+
+
+class Tail(NamedTuple):
+    """A partition's end: the offset the next record gets, and the newest record kept."""
+
+    next_offset: int
+    last: Record | None
 
 
 class RecordAppender:
@@ -32,12 +39,14 @@ class RecordAppender:
         self.keys = keys
         self._sha: str | None = None
 
-    def _call(self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord]) -> list[Any]:
+    def _call(
+        self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord], expected: int | None = None
+    ) -> list[Any]:
         topic, partition = tp
         args: list[Any] = [
             "EVALSHA", self._sha, 2,
             self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition),
-            maxlen, CODEC_VERSION,
+            maxlen, CODEC_VERSION, "" if expected is None else int(expected),
         ]
         for rec in records:
             args.extend(rec)
@@ -51,13 +60,18 @@ class RecordAppender:
         self,
         batches: Mapping[TopicPartition, Sequence[EncodedRecord]],
         maxlen: Mapping[str, int] | None = None,
+        expected: Mapping[TopicPartition, int] | None = None,
     ) -> dict[TopicPartition, int]:
         """Append each partition's records in order; returns partition -> first offset written.
 
-        `maxlen` caps a topic's partitions (MAXLEN ~). A script Redis lost with a restart is
-        loaded again and only the partitions it refused are retried (nothing was written there).
+        `maxlen` caps a topic's partitions (MAXLEN ~). `expected` makes a partition's append
+        conditional: it lands only if that partition's next offset is the one given, else
+        OffsetConflict and nothing is written there; a conditional append redis-py retried
+        after a lost reply conflicts with its own first landing, so it never lands twice (the
+        caller re-reads the partition to learn which happened). A script Redis lost with a restart is loaded again and only
+        the partitions it refused are retried (nothing was written there).
         Raises StreamUnavailable (retry the whole call: partitions not reported were not written,
-        or were, at-least-once) or CommandError.
+        or were, at-least-once), OffsetConflict or CommandError.
         """
         todo = {tp: recs for tp, recs in batches.items() if recs}
         if self._sha is None and todo:
@@ -66,6 +80,7 @@ class RecordAppender:
         for _attempt in range(2):
             calls = list(todo)
             caps = maxlen or {}
+            wants = expected or {}
             results: list[Any]
             with translated("append records"):
                 if isinstance(self.client, RedisCluster):
@@ -76,13 +91,13 @@ class RecordAppender:
                     for tp in calls:
                         try:
                             results.append(await self.client.execute_command(
-                                *self._call(tp, caps.get(tp[0], 0), todo[tp])))
+                                *self._call(tp, caps.get(tp[0], 0), todo[tp], wants.get(tp))))
                         except Exception as exc:  # noqa: BLE001 - sorted out below, like a pipeline reply
                             results.append(exc)
                 else:
                     pipe = self.client.pipeline(transaction=False)
                     for tp in calls:
-                        pipe.execute_command(*self._call(tp, caps.get(tp[0], 0), todo[tp]))
+                        pipe.execute_command(*self._call(tp, caps.get(tp[0], 0), todo[tp], wants.get(tp)))
                     try:
                         results = await pipe.execute(raise_on_error=False)
                     finally:
@@ -116,17 +131,49 @@ class PartitionLog:
     def stream_key(self, partition: int) -> str:
         return self.keys.topic_partition(self.topic, partition)
 
-    async def append(self, partition: int, records: Sequence[EncodedRecord]) -> int:
-        """Append encoded records (see `encode_record`); returns the first offset written."""
+    async def append(self, partition: int, records: Sequence[EncodedRecord], *, expected: int | None = None) -> int:
+        """Append encoded records (see `encode_record`); returns the first offset written.
+        With `expected`, only if the partition's next offset is that one (else OffsetConflict)."""
         if not records:
             raise ValueError("nothing to append")
-        return (await self.append_many({partition: records}))[partition]
+        return (await self.append_many({partition: records},
+                                        expected=None if expected is None else {partition: expected}))[partition]
 
-    async def append_many(self, batches: Mapping[int, Sequence[EncodedRecord]]) -> dict[int, int]:
+    async def append_many(
+        self, batches: Mapping[int, Sequence[EncodedRecord]], *, expected: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
         """One pipelined round trip for several partitions; returns partition -> first offset."""
         firsts = await self._appender.append_many(
-            {(self.topic, p): recs for p, recs in batches.items()}, {self.topic: self.maxlen})
+            {(self.topic, p): recs for p, recs in batches.items()}, {self.topic: self.maxlen},
+            {(self.topic, p): o for p, o in expected.items()} if expected else None)
         return {p: first for (_topic, p), first in firsts.items()}
+
+    async def tails(self, partitions: int) -> dict[int, Tail]:
+        """Each partition's next offset and newest entry, each partition read atomically
+        (a MULTI on its own slot), so an append cannot fall between the two reads."""
+        out: dict[int, Tail] = {}
+        cluster = isinstance(self.client, RedisCluster)
+        # one MULTI per partition on Cluster (a transaction cannot span slots), one for all otherwise
+        groups = [[p] for p in range(partitions)] if cluster else [list(range(partitions))]
+        for group in groups:
+            pipe: Any = self.client.pipeline(transaction=True)
+            for p in group:
+                pipe.xrevrange(self.stream_key(p), count=1)
+                pipe.get(self.keys.topic_sequence(self.topic, p))
+            replies = await execute(pipe, f"read the tails of {self.topic}")
+            for i, p in enumerate(group):
+                last, seq = replies[2 * i], replies[2 * i + 1]
+                if last:
+                    entry_id, fields = last[0]
+                    record: Record | None = decode_record(entry_id, fields)
+                else:
+                    record = None
+                if seq is not None:
+                    next_offset = int(seq)
+                else:  # counter not written yet: the append script derives it the same way
+                    next_offset = record.offset + 1 if record else 0
+                out[p] = Tail(next_offset, record)
+        return out
 
 
 def queue_bounds(pipe: Any, keys: Keys, topic: str, partition: int) -> None:
@@ -149,4 +196,4 @@ def read_bounds(
     return (id_to_offset(first[0][0]) if first else high), high
 
 
-__all__ = ["PartitionLog", "RecordAppender", "queue_bounds", "read_bounds"]
+__all__ = ["PartitionLog", "RecordAppender", "Tail", "queue_bounds", "read_bounds"]

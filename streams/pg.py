@@ -46,9 +46,10 @@ async def create_pool(database_url: str, **options: Any) -> asyncpg.Pool:
 
 
 @asynccontextmanager
-async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+async def connection(database_url: str, **options: Any) -> AsyncIterator[asyncpg.Connection]:
+    """One connection of its own (migrations; the relay, whose lock and LISTEN live on it)."""
     with pg_translated("connect to PostgreSQL"):
-        conn = await asyncpg.connect(database_url)
+        conn = await asyncpg.connect(database_url, **options)
     try:
         yield conn
     finally:

@@ -23,19 +23,19 @@ async def store(pg_url):
 
 
 async def test_upgrade_twice_applies_once(pg_url):
-    assert await upgrade(pg_url) == ["0001_event_archive.sql"]
+    assert await upgrade(pg_url) == ["0001_event_archive.sql", "0002_signals.sql"]
     assert await upgrade(pg_url) == []
 
 
 async def test_upgrade_twice_at_once_leaves_one_schema(pg_url):
     results = await asyncio.gather(upgrade(pg_url), upgrade(pg_url), upgrade(pg_url))
-    assert sorted(len(r) for r in results) == [0, 0, 1]
+    assert sorted(len(r) for r in results) == [0, 0, 2]
     conn = await asyncpg.connect(pg_url)
     try:
         tables = await conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1")
-        assert [t["table_name"] for t in tables] == ["event_archive", "schema_migrations"]
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert [t["table_name"] for t in tables] == ["event_archive", "schema_migrations", "signal_outbox", "signals"]
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 2
     finally:
         await conn.close()
 

@@ -8,6 +8,7 @@ import yaml
 
 import agents.archiver  # noqa: F401 - registers its metrics
 import agents.ingest  # noqa: F401
+import agents.relay  # noqa: F401
 import agents.worker  # noqa: F401
 import edge.metrics  # noqa: F401
 from prometheus_client import REGISTRY

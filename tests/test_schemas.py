@@ -16,6 +16,9 @@ from schemas.messages import (
     Ping,
     Pong,
     PriceItem,
+    SignalItem,
+    SignalList,
+    signal_row,
     PriceUpdate,
     ProtocolError,
     Subscribe,
@@ -56,7 +59,8 @@ SAMPLES = [
     PriceUpdate(data=[PriceItem.from_event(PRICE)], count=1, target="volume_wave", event_id="1-0", epoch="e"),
     SignalUpdate(action="add", data=[SIGNAL], count=1, target="volume_wave", event_id="2-0"),
     Pong(id=3),
-    Error(error="bad", details={"field": "target"}, code=ErrorCode.BAD_MESSAGE),
+    SignalList(strategy="volume_wave", data=[SignalItem.model_validate(signal_row(SIGNAL.model_dump()))], count=1),
+    Error(error="bad", details={"field": "target"}, code=ErrorCode.BAD_MESSAGE),  # last: tests read SAMPLES[-1]
 ]
 
 
@@ -159,3 +163,11 @@ def test_protocol_error_echoes_the_request_id():
         parse_client_message('{"type": "subscribe", "id": 9}')
     assert info.value.to_message().id == 9
     assert info.value.details[0]["field"] == "target"
+
+
+def test_a_signal_row_is_the_signal_in_the_seed_list_style():
+    row = signal_row(SIGNAL.model_dump())
+    assert row == {"code": "600519", "ts_code": "600519.SH", "name": "贵州茅台", "side": "buy",
+                   "signal_date": date(2026, 11, 20), "signal_price": 1480.0, "confidence": 0.8,
+                   "reason": "volume breakout"}
+    assert SignalItem.model_validate(row).model_dump() == row

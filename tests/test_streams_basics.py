@@ -20,7 +20,7 @@ from streams.codec import (
     offset_to_id,
 )
 from streams.deadletter import quarantine
-from streams.errors import BadKey
+from streams.errors import BadKey, OffsetConflict
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import murmur2, partition_for
@@ -181,6 +181,28 @@ async def test_lost_sequence_counter_continues_after_the_newest_entry(any_redis,
     await log.append(2, [encode_record(b"k", b"v")] * 5)
     await any_redis.delete(keys.topic_sequence("ticks", 2))
     assert await log.append(2, [encode_record(b"k", b"v")]) == 5
+
+
+async def test_a_conditional_append_lands_only_at_the_expected_offset(any_redis, keys):
+    log = PartitionLog(any_redis, keys, "signals")
+    assert await log.append(3, [encode_record(b"a", b"1")], expected=0) == 0
+    with pytest.raises(OffsetConflict):  # a second writer that also saw the partition empty
+        await log.append(3, [encode_record(b"b", b"2"), encode_record(b"c", b"3")], expected=0)
+    assert await log.append(3, [encode_record(b"b", b"2")], expected=1) == 1
+    with pytest.raises(OffsetConflict):  # the same append again, as after a lost reply
+        await log.append(3, [encode_record(b"b", b"2")], expected=1)
+    records, _ = await read_records(any_redis, keys, "signals", 3)
+    assert [r.value for r in records] == [b"1", b"2"], "nothing written by the refused appends"
+
+
+async def test_tails_give_each_partitions_next_offset_and_newest_record(any_redis, keys):
+    log = PartitionLog(any_redis, keys, "signals")
+    await log.append(1, [encode_record(b"a", b"1"), encode_record(b"b", b"2")])
+    await log.append(2, [encode_record(b"c", b"3")])
+    await any_redis.delete(keys.topic_sequence("signals", 2))  # counter lost: derived from the entry
+    tails = await log.tails(3)
+    assert [(t.next_offset, t.last.value if t.last else None) for t in tails.values()] == [
+        (0, None), (2, b"2"), (1, b"3")]
 
 
 # --- consumer groups ----------------------------------------------------------------------

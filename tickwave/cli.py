@@ -36,10 +36,11 @@ def _register() -> None:
     from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_ingest import ingest
     from tickwave.cmd_run import run
+    from tickwave.cmd_signals import relay, signals
     from tickwave.cmd_universe import universe
     from tickwave.cmd_worker import worker
 
-    for command in (run, db, archive, events, ingest, edge, worker, universe):
+    for command in (run, db, archive, events, ingest, edge, worker, signals, relay, universe):
         main.add_command(command)
 
 

@@ -24,7 +24,7 @@ from datetime import date, timedelta
 import aiohttp
 import asyncpg
 
-from bench._common import database_url, fresh_keys, redis_url, scratch_schema
+from bench._common import line, database_url, fresh_keys, redis_url, scratch_schema
 from bench.edge import percentile, stop, wait_healthy
 from schemas.events import Signal
 from streams.keys import Keys
@@ -142,9 +142,8 @@ async def main(signals: int, requests: int) -> None:
         print(f"bench/signals_api  {time.strftime('%Y-%m-%d %H:%M')}  signals={signals} requests={len(ours)} "
               f"body={len(body):,} bytes")
         for name, p in (("p50", 0.50), ("p99", 0.99)):
-            o, b = percentile(ours, p), percentile(bare, p)
-            print(f"GET /api/signals/buy {name:<4} {o:8.2f} ms   bare aiohttp, same JSON from memory {b:6.2f} ms"
-                  f"   ratio {o / b:.2f}")
+            print(line(f"GET /api/signals/buy {name}", percentile(ours, p), "ms", percentile(bare, p),
+                       "bare aiohttp, same JSON from memory"))
         print(f"right after a change (list rebuilt per request): p50 {percentile(changed, 0.5):.2f} ms, "
               f"p99 {percentile(changed, 0.99):.2f} ms  ({len(changed)} requests)")
         print(f"raw asyncpg fetch of the {signals} rows: p50 {percentile(raw, 0.5):.2f} ms, "
@@ -152,9 +151,14 @@ async def main(signals: int, requests: int) -> None:
         print(f"target p99 <= 5 ms: {'met' if percentile(ours, 0.99) <= 5 else 'NOT met'}")
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.signals_api", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--signals", type=int, default=500)
+    p.add_argument("--requests", type=int, default=3000)
+    return p
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--signals", type=int, default=500)
-    parser.add_argument("--requests", type=int, default=3000)
-    args = parser.parse_args()
+    args = parser().parse_args()
     asyncio.run(main(args.signals, args.requests))

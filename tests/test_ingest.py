@@ -1,9 +1,10 @@
 """Ingestion: validation, dedup, dead letters, the simulator's realism and file replay order."""
 
 import asyncio
+import logging
 import csv
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,11 +12,11 @@ import pytest
 
 from agents.ingest import TickWriter, run_ingest, topic_partitions
 from agents.sources.replay import FileReplay
-from agents.sources.simulator import Simulator, in_session
+from agents.sources.simulator import Simulator, in_session, next_open
 from schemas.universe import Listing, Universe, default_universe
 from agents.validate import Reject, check_tick
 from schemas.events import Tick
-from schemas.market import limit_band
+from schemas.market import SHANGHAI, limit_band
 from streams.partition import partition_for
 from tests.factories import T0
 from tests.factories import raw_tick as raw
@@ -283,3 +284,30 @@ def test_a_nameless_tick_takes_the_st_flag_from_the_universe_and_a_named_one_kee
     assert check_tick(up_7, None, None) is None
     named = up_7.model_copy(update={"name": "信通科技"})  # the stock lost its ST mark since the file was made
     assert check_tick(named, None, st) is None
+
+
+def test_the_sessions_follow_the_exchange_calendar_and_say_when_they_next_open():
+    holiday = datetime(2026, 10, 1, 10, 0, tzinfo=SHANGHAI)  # National Day, a Thursday
+    assert not in_session(holiday)
+    assert next_open(holiday) == datetime(2026, 10, 8, 9, 30, tzinfo=SHANGHAI)
+    friday_close = datetime(2026, 11, 27, 15, 30, tzinfo=SHANGHAI)
+    assert next_open(friday_close) == datetime(2026, 11, 30, 9, 30, tzinfo=SHANGHAI)
+    lunch = datetime(2026, 11, 27, 11, 45, tzinfo=SHANGHAI)
+    assert next_open(lunch) == datetime(2026, 11, 27, 13, 0, tzinfo=SHANGHAI)
+    assert next_open(datetime(2026, 11, 27, 9, 30, tzinfo=SHANGHAI)) == datetime(2026, 11, 27, 9, 30, tzinfo=SHANGHAI)
+
+
+async def test_a_closed_market_is_logged_once_with_the_next_open_and_the_way_round_it(caplog):
+    caplog.set_level(logging.INFO, logger="tickwave.ingest")
+    saturday = datetime(2026, 11, 28, 10, 0, tzinfo=SHANGHAI)
+    sim = Simulator(interval=0.01, seed=1, clock=lambda: saturday)
+    batches = sim.batches().__aiter__()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(batches.__anext__(), 0.2)  # twenty rounds, and not one tick
+    closed = [r for r in caplog.records if r.getMessage().startswith("market closed")]
+    assert len(closed) == 1
+    assert "--ignore-clock" in closed[0].getMessage()
+    assert closed[0].next_open == "2026-11-30T09:30+08:00"
+    # with the clock ignored, the same moment simulates
+    demo = Simulator(interval=0.01, seed=1, clock=lambda: saturday, ignore_clock=True).batches().__aiter__()
+    assert len(await asyncio.wait_for(demo.__anext__(), 1)) == 20

@@ -10,24 +10,43 @@ price, as A-share listings do, and walks freely.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import AsyncIterator
-from datetime import date, datetime, time
+from collections.abc import AsyncIterator, Callable
+from datetime import date, datetime, time, timedelta
 
 from agents.sources import RawTick
+from schemas.calendar import is_trading_day
 from schemas.events import Tick
 from schemas.market import SHANGHAI, LimitBand, limit_band
 from schemas.universe import Listing, default_universe
+
+log = logging.getLogger("tickwave.ingest")
 
 SESSIONS = ((time(9, 30), time(11, 30)), (time(13, 0), time(15, 0)))
 
 
 def in_session(moment: datetime) -> bool:
-    """True during the continuous-trading sessions of a weekday (Beijing time)."""
+    """True during the continuous-trading sessions of a trading day (Beijing time)."""
     local = moment.astimezone(SHANGHAI)
-    if local.weekday() >= 5:
+    if not is_trading_day(local.date()):
         return False
     return any(start <= local.time() < end for start, end in SESSIONS)
+
+
+def next_open(moment: datetime) -> datetime:
+    """When the next continuous-trading session starts, at or after `moment` (Beijing time)."""
+    local = moment.astimezone(SHANGHAI)
+    day = local.date()
+    for _ in range(60):  # the longest closure (Spring Festival) is well under this
+        if is_trading_day(day):
+            for start, _end in SESSIONS:
+                opens = datetime.combine(day, start, tzinfo=SHANGHAI)
+                if opens >= local:
+                    return opens
+        day += timedelta(days=1)
+        local = datetime.combine(day, time(0), tzinfo=SHANGHAI)
+    raise ValueError(f"no trading session within 60 days of {moment.isoformat()}")
 
 
 class _Stock:
@@ -53,6 +72,7 @@ class Simulator:
         ignore_clock: bool = False,
         seed: int | None = None,
         volatility: float = 0.003,
+        clock: Callable[[], datetime] | None = None,
         today: date | None = None,
     ):
         """`today`: the trading day whose limit bands apply (default: today in Beijing)."""
@@ -60,6 +80,7 @@ class Simulator:
         self.interval = interval
         self.ignore_clock = ignore_clock
         self.volatility = volatility
+        self.clock = clock or (lambda: datetime.now(SHANGHAI))
         today = today or datetime.now(SHANGHAI).date()
         self.stocks = []
         for listing in listings or default_universe().pick(20):
@@ -102,9 +123,19 @@ class Simulator:
     async def batches(self) -> AsyncIterator[list[RawTick]]:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
+        closed = False
         while True:
-            now = datetime.now(SHANGHAI)
+            now = self.clock()
             if self.ignore_clock or in_session(now):
+                if closed:
+                    log.info("market open: simulating", extra={"stocks": len(self.stocks)})
+                    closed = False
                 yield list(self.step(now))
+            elif not closed:
+                # one line when the market closes (or is closed at start), never a silent stall
+                closed = True
+                log.info("market closed: no ticks until it opens (--ignore-clock simulates at any hour)",
+                         extra={"now": now.isoformat(timespec="seconds"),
+                                "next_open": next_open(now).isoformat(timespec="minutes")})
             next_at += self.interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))

@@ -121,8 +121,17 @@ class Joiner:
         REJECTED.labels(topic, reason.split(":")[0]).inc()
         log.info("record dead-lettered", extra={"topic": topic, "partition": partition, "offset": offset,
                                                 "reason": reason})
-        await dead_letter(self.client, self.keys, DEAD_LETTERS, reason=reason,
-                          origin=f"{topic}/{partition}/{offset}", raw={b"k": key or b"", b"v": value or b""})
+        backoff = 0.1
+        while True:  # held like an append: the record is not acked until its dead letter is written
+            try:
+                await dead_letter(self.client, self.keys, DEAD_LETTERS, reason=reason,
+                                  origin=f"{topic}/{partition}/{offset}", raw={b"k": key or b"", b"v": value or b""})
+                return
+            except StreamUnavailable:
+                if self.stopping:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def join_ticks(self, records: Sequence[tuple[int, int, bytes | None, bytes | None]],
                          lookup: Any) -> int:
@@ -232,11 +241,15 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
         if not tps:
             return
         processed = joiner().processed
-        marks = await app.consumer.highwaters(*tps)
-        for tp, high in marks.items():
-            done = processed.get(tp.partition)
-            position = await app.consumer.position(tp) if done is None else done + 1
-            LAG.labels(TICKS, str(tp.partition)).set(max(0, high - (position or 0)))
+        try:
+            marks = await app.consumer.highwaters(*tps)
+            for tp, high in marks.items():
+                done = processed.get(tp.partition)
+                position = await app.consumer.position(tp) if done is None else done + 1
+                LAG.labels(TICKS, str(tp.partition)).set(max(0, high - (position or 0)))
+        except StreamsError as exc:
+            # an exception in a faust timer crashes the worker: a Redis outage must only skip a report
+            log.info("lag not reported: redis unavailable", extra={"error": str(exc)})
         SIGNALS_HELD.set(sum(len(v) for v in table.values()))
 
     return app

@@ -57,3 +57,9 @@ def test_no_cycle_between_packages(graph):
                 both = (graph.chain_exists(importer=a, imported=b, as_packages=True)
                         and graph.chain_exists(importer=b, imported=a, as_packages=True))
                 assert not both, f"{a} and {b} import each other"
+
+
+def test_the_client_sdk_depends_on_schemas_alone(graph):
+    """tickwave.client is what apps install: no streams, agents, edge or CLI behind it."""
+    reached = graph.find_upstream_modules("tickwave.client")
+    assert {m.split(".")[0] for m in reached} <= {"schemas"}, sorted(m for m in reached if not m.startswith("schemas"))

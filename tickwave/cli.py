@@ -32,6 +32,7 @@ def schema(out: Path) -> None:
 
 
 def _register() -> None:
+    from tickwave.cmd_analyst import export, tail
     from tickwave.cmd_edge import edge
     from tickwave.cmd_events import archive, db, events
     from tickwave.cmd_ingest import ingest
@@ -40,7 +41,7 @@ def _register() -> None:
     from tickwave.cmd_universe import universe
     from tickwave.cmd_worker import worker
 
-    for command in (run, db, archive, events, ingest, edge, worker, signals, relay, universe):
+    for command in (run, db, archive, events, ingest, edge, worker, signals, relay, universe, tail, export):
         main.add_command(command)
 
 

@@ -191,8 +191,10 @@ def tail(strategy: str, url: str, since: str | None, epoch: str | None, fmt: str
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "ndjson"]), default=None,
               help="default: from --out's suffix (.csv, .parquet, .ndjson)")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True)
+@click.option("--page-size", type=click.IntRange(1, 100_000), default=5000, show_default=True,
+              help="events read from history per call (and per Parquet row group)")
 def export(strategy: str, since: str | None, until: str | None, epoch: str | None, fmt: str | None,
-           out: Path) -> None:
+           out: Path, page_size: int) -> None:
     """Write STRATEGY's history (Redis, then the PostgreSQL archive) to a file, or refuse with
     exit code 3 and no file when history has a hole in the range.
 
@@ -229,7 +231,7 @@ def export(strategy: str, since: str | None, until: str | None, epoch: str | Non
         try:
             job = asyncio.create_task(run(
                 EventLog(client, Keys(s.key_prefix)), ArchiveStore(pool) if pool else None, strategy, out, chosen,
-                since=after, until=upto, epoch=epoch, progress=bar.update))
+                since=after, until=upto, epoch=epoch, progress=bar.update, page_size=page_size))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()

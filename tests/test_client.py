@@ -198,6 +198,31 @@ async def test_a_silent_connection_is_dropped_by_the_heartbeat_and_resumed(redis
             await proxy.close()
 
 
+async def test_the_edges_pings_are_answered_so_a_quiet_subscription_stays_open(redis_url, redis, keys):
+    log = EventLog(redis, keys)
+    await log.append_events(S, price_changes(3))
+    # the edge closes a client that answers no ping within half its heartbeat
+    async with running_edge(edge_settings(redis_url, keys, edge_heartbeat_s=0.3)) as base:
+        async with subscribe(base, S, heartbeat=None) as sub:
+            got = Collector(sub)
+            await wait_until(lambda: got.has(Snapshot), 10, "no snapshot")
+            await asyncio.sleep(2.0)  # many heartbeats with nothing to send
+            ids = await log.append_events(S, price_changes(2, start=3))
+            await wait_until(lambda: _holds(got, ids[-1]), 10, "no events after a quiet spell")
+        await asyncio.wait_for(got.task, 10)
+        assert got.of(Disconnected) == [] and got.sub.connections == 1
+
+
+async def test_leaving_the_block_closes_the_connection_at_once(redis_url, redis, keys):
+    await EventLog(redis, keys).append_events(S, price_changes(3))
+    async with running_edge(edge_settings(redis_url, keys)) as base:
+        async with subscribe(base, S) as sub:
+            async for event in sub:
+                assert isinstance(event, Snapshot)
+                break
+        assert sub._iterator is not None and sub._iterator.ag_frame is None  # finished, its session closed
+
+
 async def test_reconnects_with_exponential_backoff_while_the_edge_is_unreachable(redis_url, redis, keys):
     await EventLog(redis, keys).append_events(S, price_changes(3))
     async with running_edge(edge_settings(redis_url, keys)) as base:

@@ -21,7 +21,7 @@ import inspect
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -39,7 +39,7 @@ WS_PATH = "/ws/stock/prices"
 MAX_FRAME = 16 << 20  # a whole-market snapshot is about 1.5 MB
 CLOSE_AUTH = 4001
 # answers that no retry can change: refuse instead of reconnecting forever
-_PERMANENT_CODES = {401, 403, 404, "bad_message", "unknown_strategy", "forbidden"}
+_PERMANENT_CODES = {401, 403, 404, "bad_message", "unknown_strategy"}
 # HTTP answers to the upgrade worth retrying: a node full or restarting, a load balancer without a node
 _TRANSIENT_STATUS = {429, 502, 503, 504}
 
@@ -169,9 +169,9 @@ class _Retry(Exception):
 
 @dataclass
 class Subscription:
-    """One subscription that outlives connections. Iterate it for events; `last_event_id`
+    """One subscription that outlives connections. Iterate it (once) for events; `last_event_id`
     and `epoch` are where it would resume (keep them to resume in a later run); `close()`
-    ends the iteration from anywhere."""
+    ends the iteration from anywhere, `aclose()` also closes the connection at once."""
 
     url: str
     target: str
@@ -186,6 +186,7 @@ class Subscription:
     rng: random.Random | None = None
     connections: int = 0  # connections that reached `subscribed`, for tests and status lines
     _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _iterator: AsyncGenerator[Event, None] | None = field(default=None, init=False, repr=False)
     _ws_url: str = field(init=False, repr=False)
     _request_id: int = field(default=0, init=False, repr=False)
 
@@ -205,12 +206,23 @@ class Subscription:
     async def __aenter__(self) -> Subscription:
         return self
 
+    async def aclose(self) -> None:
+        """Stop, and once the iteration is not running, close its connection now (after a
+        `break`, say) rather than when the event loop shuts down."""
+        self.close()
+        it = self._iterator
+        if it is not None and not getattr(it, "ag_running", False):
+            await it.aclose()
+
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self.close()
+        await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[Event]:
-        return self._run()
+        if self._iterator is not None:
+            raise RuntimeError("a subscription is iterated once")
+        self._iterator = self._run()
+        return self._iterator
 
     async def _token(self) -> str | None:
         if self.token is None or isinstance(self.token, str):
@@ -218,7 +230,7 @@ class Subscription:
         got = self.token()  # a callable, so an expiring token is fetched anew per connection
         return await got if inspect.isawaitable(got) else got
 
-    async def _run(self) -> AsyncIterator[Event]:
+    async def _run(self) -> AsyncGenerator[Event, None]:
         attempt = 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             while not self._stop.is_set():
@@ -244,7 +256,7 @@ class Subscription:
                 except asyncio.TimeoutError:
                     pass
 
-    async def _connection(self, session: aiohttp.ClientSession) -> AsyncIterator[Event]:
+    async def _connection(self, session: aiohttp.ClientSession) -> AsyncGenerator[Event, None]:
         """One connection: subscribe (resuming when there is an id), then events until it ends."""
         url, headers = self._ws_url, {}
         token = await self._token()

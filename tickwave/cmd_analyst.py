@@ -16,6 +16,7 @@ from tickwave.runtime import run_until_signalled, settings_or_exit
 
 # a range or resume history cannot cover: distinct from usage errors (2) and failures (1)
 EXIT_NOT_COVERED = 3
+PAGE = 5000  # events per history read and Parquet row group: a few MB in memory
 
 
 class NotCovered(click.ClickException):
@@ -166,7 +167,7 @@ def tail(strategy: str, url: str, since: str | None, epoch: str | None, fmt: str
         except ClientError as exc:
             raise click.ClickException(str(exc)) from None
         finally:
-            sub.close()
+            await sub.aclose()
             stopper.cancel()
             if drawer is not None:
                 drawer.cancel()
@@ -191,7 +192,7 @@ def tail(strategy: str, url: str, since: str | None, epoch: str | None, fmt: str
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "ndjson"]), default=None,
               help="default: from --out's suffix (.csv, .parquet, .ndjson)")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True)
-@click.option("--page-size", type=click.IntRange(1, 100_000), default=5000, show_default=True,
+@click.option("--page-size", type=click.IntRange(1, 100_000), default=PAGE, show_default=True,
               help="events read from history per call (and per Parquet row group)")
 def export(strategy: str, since: str | None, until: str | None, epoch: str | None, fmt: str | None,
            out: Path, page_size: int) -> None:

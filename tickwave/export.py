@@ -39,7 +39,6 @@ from streams.history import Archive, History, history
 Format = Literal["csv", "parquet", "ndjson"]
 FORMATS: dict[str, Format] = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".ndjson": "ndjson",
                               ".jsonl": "ndjson"}
-PAGE = 5000
 # the largest stream sequence number the archive's reads use as "the end of a millisecond"
 _END_OF_MS = 2**62
 
@@ -210,8 +209,8 @@ class Exported:
 async def export(
     log: EventLog, store: Archive | None, strategy: str, out: Path, fmt: Format, *,
     since: str | None = None, until: str | None = None, epoch: str | None = None,
+    page_size: int,
     progress: Callable[[int], None] = lambda n: None,
-    page_size: int = PAGE,
     read: Callable[..., Awaitable[History]] = history,
 ) -> Exported:
     """Write the events with since < id <= until (until: the newest event now, when not given)

@@ -189,7 +189,7 @@ async def test_a_silent_connection_is_dropped_by_the_heartbeat_and_resumed(redis
             noticed = time.monotonic() - frozen_at
             await wait_until(lambda: _holds(got, ids[-1]), 10, "no resume after the silent connection")
             await got.stop()
-            assert noticed < 2.0, f"took {noticed:.1f}s to notice with a 0.5s heartbeat"
+            assert noticed < 3.0, f"took {noticed:.1f}s to notice with a 0.5s heartbeat (about 0.75s expected)"
             assert "PONG" in got.of(Disconnected)[0].reason
             assert got.ids() == after(ids, snap.event_id)
             assert len(got.of(Resumed)) == 1

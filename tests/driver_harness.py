@@ -33,10 +33,11 @@ def broker_url(redis_url: str, keys: Keys, **params: Any) -> str:
 
 
 class WorkerProcess:
-    """`python -m tests.driver_app worker` in its own process, logging to a file."""
+    """`python -m <module> worker` (tests.driver_app unless told) in its own process, logging to a file."""
 
-    def __init__(self, broker: str, workdir: Path, name: str, **env: str):
+    def __init__(self, broker: str, workdir: Path, name: str, *, module: str = "tests.driver_app", **env: str):
         self.name = name
+        self.module = module
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logfile = self.workdir / "worker.log"
@@ -46,7 +47,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         with open(self.logfile, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.driver_app", "worker", "-l", "info", "--without-web"],
+                [sys.executable, "-m", self.module, "worker", "-l", "info", "--without-web"],
                 cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         return self
 
@@ -61,11 +62,11 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait: faust commits and the driver leaves the group."""
+    def stop(self, timeout: float = 30, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM (or `sig`, e.g. SIGINT) and wait: faust commits and the driver leaves the group."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -97,6 +97,8 @@ class Consumer(base.Consumer):
 
     async def on_stop(self) -> None:
         await super().on_stop()
+        if not self.app.client_only:
+            await self.commit_all_acked()
         if self._joined_round >= 0:
             try:
                 await asyncio.wait_for(self.group.leave(), 5.0)
@@ -176,6 +178,8 @@ class Consumer(base.Consumer):
         app = self.app
         metrics.REBALANCES.labels(app.conf.id).inc()
         app.on_rebalance_start()
+        if self._assigned:
+            await self._finish_in_flight_work()
         await self.on_partitions_revoked(set(self._assigned))
         self._forget_assignment()
         metadata = self._assignor.metadata(set(self._subscription)).encode()
@@ -197,6 +201,32 @@ class Consumer(base.Consumer):
                     after = await group.wait(after, 500)
                 else:  # again / evicted: a newer round, join it
                     break
+
+    async def _finish_in_flight_work(self) -> None:
+        """Stop handing out events, let the ones being processed finish and commit them, while
+        this member still owns its partitions in its generation (nobody can be assigned them
+        before it joins the new round, so the commit is accepted).
+
+        faust's on_partitions_revoked forgets the acked but not yet committed offsets of the
+        partitions it revokes before it waits for the streams and commits (faust/transport/
+        consumer.py), so without this a rebalance loses up to a commit interval of progress
+        and the next owner processes those messages again."""
+        app = self.app
+        self.stop_flow()
+        app.flow_control.suspend()
+        self.pause_partitions(self._assigned)
+        app.flow_control.clear()  # events still queued for the agents: not started, so not lost
+        if app.conf.stream_wait_empty:
+            await self.wait_empty()  # commits as in-flight events finish
+        await self.commit_all_acked()
+
+    async def commit_all_acked(self) -> bool:
+        """Commit every offset acked so far. faust's commit() returns without committing when
+        another commit (the periodic one) is under way, and that one took its offsets before the
+        latest acks: wait for it, then commit what is left."""
+        while await self.maybe_wait_for_commit_to_finish():
+            pass
+        return await self.commit()
 
     async def _lead(self, reply: Reply) -> None:
         raw = reply.payload

@@ -22,7 +22,7 @@ from streams.errors import StreamUnavailable
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
-from tests.driver_harness import broker_url
+from tests.driver_harness import broker_url, produce
 from tickwave.servers import free_port
 
 
@@ -254,3 +254,21 @@ async def test_a_client_only_app_reads_every_partition_without_joining_the_group
         assert await redis.zrange(keys.group("drivertest", "members"), 0, -1) == []
     finally:
         await app.stop()
+
+
+async def test_a_seek_to_no_offset_reads_the_partition_from_its_start(redis_url, keys, redis):
+    # faust's table recovery seeks a standby partition with None when a rebalance added it
+    # after the offsets were built (tables/recovery.py); the worker must not crash on it
+    await produce(redis, keys, "counts-changelog", [(b"k", str(i).encode()) for i in range(3)], partitions=1)
+    app = make_app(broker_url(redis_url, keys))
+    app.client_only = True  # reads every partition without a group: no rebalance in this test
+    consumer = app.consumer
+    await consumer.transport.acquire()
+    try:
+        await consumer.subscribe(["counts-changelog"])
+        tp = TP("counts-changelog", 0)
+        await consumer.seek_wait({tp: None})
+        records = await consumer._getmany({tp}, 1.0)
+        assert [m.value for m in records[tp]] == [b"0", b"1", b"2"]
+    finally:
+        await consumer.transport.release()

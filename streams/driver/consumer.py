@@ -294,9 +294,12 @@ class Consumer(base.Consumer):
                 offset = high if latest else low
             self._positions[tp] = offset
 
-    def _set_position(self, tp: TP, offset: int) -> None:
+    def _set_position(self, tp: TP, offset: int | None) -> None:
         self._seeks[tp] += 1
-        self._positions[tp] = max(0, int(offset))
+        # None: faust's recovery had no offset for a standby partition yet (a rebalance came
+        # between building the offsets and seeking them, tables/recovery.py); like its -1,
+        # read the changelog from the start, which is never wrong, and the recovery restarts
+        self._positions[tp] = max(0, int(offset)) if offset is not None else 0
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek every assigned partition to its committed offset; returns them."""
@@ -306,14 +309,14 @@ class Consumer(base.Consumer):
                 self._set_position(tp, offset)
         return cast(Mapping[TP, int], committed)
 
-    async def _seek(self, partition: TP, offset: int) -> None:
+    async def _seek(self, partition: TP, offset: int | None) -> None:
         self._set_position(partition, offset)
 
-    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+    async def seek_wait(self, partitions: Mapping[TP, int | None]) -> None:
         """Seek partitions (table recovery) and keep faust's read offsets in step."""
         for tp, offset in partitions.items():
             self._set_position(tp, offset)
-            if offset > 0:
+            if offset is not None and offset > 0:
                 self._read_offset[tp] = offset
             else:
                 self._read_offset.pop(tp, None)

@@ -178,10 +178,15 @@ class Consumer(base.Consumer):
         app = self.app
         metrics.REBALANCES.labels(app.conf.id).inc()
         app.on_rebalance_start()
-        if self._assigned:
-            await self._finish_in_flight_work()
-        await self.on_partitions_revoked(set(self._assigned))
-        self._forget_assignment()
+        revoking = asyncio.ensure_future(self._revoke())
+        try:
+            done, _ = await asyncio.wait({revoking}, timeout=self._step_aside_after)
+            if not done:
+                await self._step_aside()
+            await revoking
+        except asyncio.CancelledError:
+            revoking.cancel()
+            raise
         metadata = self._assignor.metadata(set(self._subscription)).encode()
         changed, self._subscription_changed = self._subscription_changed, False
         group = self.group
@@ -201,6 +206,37 @@ class Consumer(base.Consumer):
                     after = await group.wait(after, 500)
                 else:  # again / evicted: a newer round, join it
                     break
+
+    async def _revoke(self) -> None:
+        if self._assigned:
+            await self._finish_in_flight_work()
+        await self.on_partitions_revoked(set(self._assigned))
+        self._forget_assignment()
+
+    @property
+    def _step_aside_after(self) -> float:
+        """Longest a round waits for this member's revocation before it steps aside."""
+        return min(self.transport.options.session_timeout / 2, self.app.conf.broker_rebalance_timeout)
+
+    async def _step_aside(self) -> None:
+        """Agents are still busy with events (a long call, a paused stream) and the revocation
+        cannot finish: leave the group so that the round goes on without this member, instead
+        of holding its partitions, unread, for the whole rebalance timeout. What it finished is
+        committed first; the events still running are processed again by the next owner (their
+        late commits are fenced), as after a kill. It joins again once they are done."""
+        note(WARNING, "revocation held up by busy agents: stepping aside so the group moves on",
+             member=self.member_id, after_s=self._step_aside_after)
+        metrics.STEP_ASIDES.labels(self.app.conf.id).inc()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.commit_all_acked()), 1.0)
+        except asyncio.TimeoutError:
+            pass  # still committing: it lands before the next generation, or is fenced
+        try:
+            await self.group.leave()
+        except StreamUnavailable as exc:
+            note(WARNING, "could not step aside; the lease will expire", member=self.member_id, error=str(exc))
+            return
+        self._joined_round = -1
 
     async def _finish_in_flight_work(self) -> None:
         """Stop handing out events, let the ones being processed finish and commit them, while
@@ -362,7 +398,8 @@ class Consumer(base.Consumer):
             note(WARNING, "commit fenced: partitions belong to another member now",
                         member=self.member_id, generation=self._generation,
                                partitions=",".join(sorted(f"{tp.topic}/{tp.partition}" for tp in refused)))
-            self._needs_rebalance.set()
+            if not self._rebalancing:  # a rebalance under way already ends in a new generation
+                self._needs_rebalance.set()
             return False
         return True
 

@@ -155,13 +155,17 @@ async def committed(client: AnyRedis, keys: Keys, group: str) -> dict[TP, int]:
 async def probe_table(client: AnyRedis, keys: Keys, timeout: float = 20) -> dict[str, int]:
     """Ask the worker for its table (the `dump` agent) and wait for the answer."""
     log = PartitionLog(client, keys, "probe-reply")
-    before = (await log.bounds(0))[1]
+    # a topic an app only sends to is declared with its default partition count (as Kafka's
+    # auto-create does), and unkeyed answers go round-robin: look at every partition
+    partitions = range(int(await client.hget(keys.topic_meta("probe-reply"), "partitions") or 16))
+    before = {p: (await log.bounds(p))[1] for p in partitions}
     await produce(client, keys, "probe", [(b"", b"?")], partitions=1)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        entries = await log.read(0, before, 1)
-        if entries:
-            return json.loads(decode_record(*entries[0]).value or b"{}")
+        for p in partitions:
+            entries = await log.read(p, before[p], 1)
+            if entries:
+                return json.loads(decode_record(*entries[0]).value or b"{}")
         await asyncio.sleep(0.1)
     raise AssertionError("the worker did not answer the table probe")

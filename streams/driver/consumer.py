@@ -115,6 +115,7 @@ class Consumer(base.Consumer):
     async def subscribe(self, topics: Iterable[str]) -> None:
         """Subscribe to topics (created as Kafka would auto-create them); starts a rebalance."""
         names = frozenset(topics)
+        await self.transport.check_topics(sorted(names))
         settings = await self.transport.topics.ensure(sorted(names))
         if self.app.client_only:
             # a client (faust's start_client, for agent replies) reads everything from the end

@@ -10,7 +10,7 @@ naming the parameter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlencode
@@ -25,9 +25,9 @@ from streams.connection import AnyRedis, connect
 from streams.driver.consumer import Consumer
 from streams.driver.producer import Producer
 from streams.driver.topics import Topics
-from streams.driver.logs import WARNING, note
+from streams.driver.logs import ERROR, WARNING, note
 from streams.errors import BadKey, StreamsError, StreamUnavailable, translated
-from streams.keys import DEFAULT_PREFIX, Keys, check_name
+from streams.keys import DEFAULT_PREFIX, Keys, check_name, check_topic
 from streams.partition import partition_for
 from streams.topics import TopicSettings
 
@@ -165,6 +165,19 @@ class Transport(base.Transport):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def check_topics(self, topics: Iterable[str]) -> None:
+        """Refuse a topic name the driver cannot use by crashing the app with the reason, so a
+        worker stops at start-up (its subscription, its streams' topics) instead of one stream
+        failing while the rest runs on."""
+        for topic in topics:
+            try:
+                check_topic(topic)
+            except BadKey as exc:
+                error = ImproperlyConfigured(f"{exc} (the Redis Streams driver takes Kafka's topic names)")
+                note(ERROR, "topic name refused", reason=str(exc))
+                await self.app.crash(error)
+                raise error from None
+
     async def create_topic(
         self, topic: str, partitions: int, *, config: Mapping[str, Any] | None = None,
         retention: Any = None, compacting: bool | None = None,
@@ -176,10 +189,7 @@ class Transport(base.Transport):
         maxlen = int(config.get("redis.maxlen", 0))
         if compacting:
             retention_ms = maxlen = 0
-        try:
-            check_name(topic, "topic")
-        except BadKey as exc:
-            raise ImproperlyConfigured(str(exc)) from None
+        await self.check_topics([topic])
         return await self.topics.create(topic, partitions, retention_ms=retention_ms, maxlen=maxlen)
 
     def producer_partition(self, topic: str, key: bytes) -> int:

@@ -1,11 +1,14 @@
 """faust features beyond agents and tables, with real worker processes: a `group_by` whose
-repartition topic has a long generated name."""
+repartition topic has a long generated name, and agent.ask / join / map from a separate
+client process."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from streams.connection import AnyRedis
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
-from tests.driver_harness import WorkerProcess, broker_url, probe_table, wait_until
+from tests.driver_harness import REPO, WorkerProcess, broker_url, probe_table, wait_until
 
 ORDERS = 400
 
@@ -72,3 +75,41 @@ async def test_a_topic_name_the_driver_refuses_stops_the_worker_with_the_reason(
         worker.kill()
     assert code != 0
     assert "at most 249 characters" in worker.log(), worker.log()[-3000:]
+
+
+def run_client(broker: str, tmp_path: Path, *command: str, timeout: float = 30) -> str:
+    """`python -m tests.driver_rpc_app <command>` in its own process; its output."""
+    env = {**os.environ, "DRIVER_BROKER": broker, "DRIVER_DATADIR": str(tmp_path / "client")}
+    try:
+        done = subprocess.run([sys.executable, "-m", "tests.driver_rpc_app", *command], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise AssertionError(f"`{' '.join(command)}` from a client process never returned:\n{out[-3000:]}") from None
+    assert done.returncode == 0, f"`{' '.join(command)}` failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture
+def rpc_worker(redis_url, redis, keys, tmp_path: Path):
+    broker = broker_url(redis_url, keys)
+    worker = WorkerProcess(broker, tmp_path, "worker", module="tests.driver_rpc_app").start()
+    try:
+        yield broker, worker
+    finally:
+        assert worker.stop() == 0
+
+
+async def test_agent_ask_join_and_map_answer_a_separate_client_process(rpc_worker, redis, keys, tmp_path: Path):
+    broker, worker = rpc_worker
+
+    async def serving() -> bool:
+        return "Worker ready" in worker.log()
+    await wait_until(serving, 60, "the rpc worker never became ready", [worker])
+    loop = asyncio.get_running_loop()
+    asked = await loop.run_in_executor(None, run_client, broker, tmp_path, "ask", "3")
+    assert "ask: 300.0" in asked
+    joined = await loop.run_in_executor(None, run_client, broker, tmp_path, "join", "1", "2", "3", "4")
+    assert "join: [100.0, 200.0, 300.0, 400.0]" in joined
+    mapped = await loop.run_in_executor(None, run_client, broker, tmp_path, "map", "5", "6", "7")
+    assert "map: [500.0, 600.0, 700.0]" in mapped

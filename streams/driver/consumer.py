@@ -320,13 +320,16 @@ class Consumer(base.Consumer):
         tps = [tp for tp in tps if tp not in self._positions]
         if not tps:
             return
-        committed = {} if self.app.client_only else await self.group.committed(tps)
+        client = self.app.client_only
+        committed = {} if client else await self.group.committed(tps)
         marks = await self.transport.topics.watermarks(tps)
-        latest = self.app.client_only or self.app.conf.consumer_auto_offset_reset == "latest"
+        latest = client or self.app.conf.consumer_auto_offset_reset == "latest"
         for tp in tps:
             low, high = marks[tp]
             self._highwaters[tp] = high
-            offset = committed.get(tp)
+            offset = self.transport.client_start(tp) if client else committed.get(tp)
+            if client and offset is not None:
+                offset = max(offset, low)  # retention may have trimmed past it
             if offset is None or not low <= offset <= high:
                 offset = high if latest else low
             self._positions[tp] = offset
@@ -337,6 +340,14 @@ class Consumer(base.Consumer):
         # between building the offsets and seeking them, tables/recovery.py); like its -1,
         # read the changelog from the start, which is never wrong, and the recovery restarts
         self._positions[tp] = max(0, int(offset)) if offset is not None else 0
+
+    async def wait_empty(self) -> None:
+        """Wait for the events being processed to be acked, committing as they are; a client
+        (faust's start_client) commits nothing, and the stream reading its replies acks the last
+        reply only when the next one comes, so waiting for it would keep a command from exiting."""
+        if self.app.client_only:
+            return
+        await super().wait_empty()
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek every assigned partition to its committed offset; returns them."""

@@ -17,11 +17,12 @@ from urllib.parse import urlencode
 
 from faust.exceptions import ImproperlyConfigured
 from faust.transport import base
-from faust.types import AppT
+from faust.types import TP, AppT
 from mode.utils.times import want_seconds
 from yarl import URL
 
 from streams.connection import AnyRedis, connect
+from streams.driver.conductor import Conductor
 from streams.driver.consumer import Consumer
 from streams.driver.producer import Producer
 from streams.driver.topics import Topics
@@ -99,6 +100,7 @@ class DriverOptions:
 class Transport(base.Transport):
     """faust's transport on Redis Streams: topic-partition streams with dense offsets."""
 
+    Conductor: ClassVar[type[Conductor]] = Conductor  # type: ignore[assignment,misc]
     Consumer: ClassVar[type[Consumer]] = Consumer  # type: ignore[assignment,misc]
     Producer: ClassVar[type[Producer]] = Producer  # type: ignore[assignment,misc]
     driver_version = "tickwave-redis-streams 1"
@@ -118,11 +120,30 @@ class Transport(base.Transport):
         self._redis: AnyRedis | None = None
         self._topics: Topics | None = None
         self._users = 0
+        self._reply_starts: dict[int, int] | None = None
 
     async def acquire(self) -> None:
         """A service (consumer, producer) starts using the client: check Redis answers."""
         self._users += 1
         await self.check_connection()
+        if self._reply_starts is None:
+            # before this process sends anything, so before any request it sends: see client_start
+            try:
+                self._reply_starts = await self.topics.ends(self.app.conf.reply_to)
+            except BadKey:
+                self._reply_starts = {}  # the subscription refuses the name, with the reason
+
+    def client_start(self, tp: TP) -> int | None:
+        """Where a client-only app (faust's start_client: a CLI command, a script, a web process
+        asking agents) starts reading a partition; None for its end.
+
+        The app's reply topic is read from where it ended when this process first used Redis:
+        faust sends a request before it subscribes to the reply topic (agent.ask, join, map),
+        and a reply written before the subscription must not be skipped. Replies to other
+        processes met on a shared reply topic are ignored by faust (unknown correlation ids)."""
+        if self._reply_starts is None or tp.topic != self.app.conf.reply_to:
+            return None
+        return self._reply_starts.get(tp.partition, 0)  # a partition that did not exist then: all of it
 
     async def release(self) -> None:
         """A service stopped; the last one closes the client."""

@@ -320,11 +320,15 @@ class Consumer(base.Consumer):
         tps = [tp for tp in tps if tp not in self._positions]
         if not tps:
             return
+        # a rebalance or a seek while the offsets are read makes them stale: not applied
+        seeks = {tp: self._seeks[tp] for tp in tps}
         client = self.app.client_only
         committed = {} if client else await self.group.committed(tps)
         marks = await self.transport.topics.watermarks(tps)
         latest = client or self.app.conf.consumer_auto_offset_reset == "latest"
         for tp in tps:
+            if self._seeks[tp] != seeks[tp] or tp not in self._assigned:
+                continue
             low, high = marks[tp]
             self._highwaters[tp] = high
             offset = self.transport.client_start(tp) if client else committed.get(tp)
@@ -452,6 +456,11 @@ class Consumer(base.Consumer):
 
     async def _fetch(self, tps: list[TP], timeout: float) -> dict[TP, list[ConsumerMessage]]:
         await self._resolve(tps)
+        # a rebalance while the positions were resolved may have taken some away
+        tps = [tp for tp in tps if tp in self._positions and tp in self._assigned]
+        if not tps:
+            await asyncio.sleep(min(timeout, 0.1))
+            return {}
         topics = self.transport.topics
         opts = self.transport.options
         seeks = {tp: self._seeks[tp] for tp in tps}

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from streams.errors import BadKey
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+# every topic name Kafka accepts (faust generates long ones: <agent>-<topic>-<Model>.<field>-repartition),
+# and ':' as the other names here
+_TOPIC = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+MAX_TOPIC_LENGTH = 249  # Kafka's limit
 DEFAULT_PREFIX = "tw:"
 
 
@@ -20,6 +24,15 @@ def check_name(name: str, what: str = "name") -> str:
     """Names go inside hash tags: no braces, no spaces, at most 100 characters."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise BadKey(f"{what} {name!r} must match {_NAME.pattern}")
+    return name
+
+
+def check_topic(name: str) -> str:
+    """Topic names: letters, digits, '.', '_', '-' (and ':'), at most 249 characters, as in Kafka."""
+    if not isinstance(name, str) or not _TOPIC.match(name):
+        raise BadKey(f"topic {name!r} must consist of letters, digits, '.', '_', '-' or ':'")
+    if len(name) > MAX_TOPIC_LENGTH:
+        raise BadKey(f"topic {name!r} has {len(name)} characters; at most {MAX_TOPIC_LENGTH} characters are accepted")
     return name
 
 
@@ -31,15 +44,15 @@ class Keys:
 
     # --- faust topics (dense offsets) -------------------------------------
     def topic_partition(self, topic: str, partition: int) -> str:
-        return f"{self.prefix}t:{{{check_name(topic, 'topic')}.{int(partition)}}}"
+        return f"{self.prefix}t:{{{check_topic(topic)}.{int(partition)}}}"
 
     def topic_sequence(self, topic: str, partition: int) -> str:
         """Counter of the last dense offset handed out; same slot as its stream."""
-        return f"{self.prefix}tseq:{{{check_name(topic, 'topic')}.{int(partition)}}}"
+        return f"{self.prefix}tseq:{{{check_topic(topic)}.{int(partition)}}}"
 
     def topic_meta(self, topic: str) -> str:
         """Hash of a topic's settings: partitions, retention."""
-        return f"{self.prefix}tmeta:{{{check_name(topic, 'topic')}}}"
+        return f"{self.prefix}tmeta:{{{check_topic(topic)}}}"
 
     def topics(self) -> str:
         return f"{self.prefix}topics"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from streams.connection import AnyRedis, execute
-from streams.errors import StreamsError
+from streams.errors import StreamsError, translated
 from streams.keys import Keys
 
 
@@ -40,6 +41,13 @@ async def declare(
     replies = await execute(pipe, "declare topics")
     step = 3 + bool(retention_ms) + bool(maxlen)
     return {topic: _parse(topic, replies[i * step + step - 2]) for i, topic in enumerate(topics)}
+
+
+async def stored(client: AnyRedis, keys: Keys, topic: str) -> TopicSettings | None:
+    """Settings of a topic already declared, without declaring it; None when there is none."""
+    with translated(f"settings of topic {topic}"):
+        meta = cast(dict[bytes, bytes], await client.hgetall(keys.topic_meta(topic)))
+    return _parse(topic, meta) if meta else None
 
 
 def _parse(topic: str, meta: Mapping[bytes, bytes]) -> TopicSettings:

@@ -3,7 +3,10 @@
     DRIVER_BROKER=redis://...?prefix=... python -m tests.driver_app worker -l info
 
 `relay` reads `src` (8 partitions), counts each key in the `counts` table and
-sends the record on to `dst` with the same key and value. A message on
+sends the record on to `dst` with the same key and value, and a `by` header
+naming the process (its pid) that processed it; a record whose value is
+`stall:<pid>:<seconds>` makes that process's agent sleep so long on it (a
+busy agent), and is not relayed. A message on
 `probe` is answered on `probe-reply` with the table's contents as JSON, so a
 test can read the table from outside the worker.
 """
@@ -32,15 +35,22 @@ probe = app.topic("probe", partitions=1, **RAW)
 probe_reply = app.topic("probe-reply", partitions=1, **RAW)
 counts = app.Table("counts", default=int, partitions=8)
 DELAY = float(os.environ.get("DRIVER_DELAY", "0"))
+BY = {"by": str(os.getpid()).encode()}
 
 
 @app.agent(src)
 async def relay(stream: faust.StreamT) -> None:
     async for event in stream.events():
+        if event.value.startswith(b"stall:"):
+            _, pid, seconds = event.value.decode().split(":")
+            if int(pid) == os.getpid():
+                print(f"stalling pid={pid} for {seconds}s", flush=True)
+                await asyncio.sleep(float(seconds))
+            continue
         if DELAY:
             await asyncio.sleep(DELAY)
         counts[event.key.decode()] += 1
-        await dst.send(key=event.key, value=event.value)
+        await dst.send(key=event.key, value=event.value, headers=BY)
 
 
 @app.agent(probe)

@@ -34,10 +34,11 @@ def broker_url(redis_url: str, keys: Keys, **params: Any) -> str:
 
 
 class WorkerProcess:
-    """`python -m tests.driver_app worker` in its own process, logging to a file."""
+    """`python -m <module> worker` (tests.driver_app unless told) in its own process, logging to a file."""
 
-    def __init__(self, broker: str, workdir: Path, name: str, **env: str):
+    def __init__(self, broker: str, workdir: Path, name: str, *, module: str = "tests.driver_app", **env: str):
         self.name = name
+        self.module = module
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logfile = self.workdir / "worker.log"
@@ -47,7 +48,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         with open(self.logfile, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.driver_app", "worker", "-l", "info", "--without-web"],
+                [sys.executable, "-m", self.module, "worker", "-l", "info", "--without-web"],
                 cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         return self
 
@@ -62,11 +63,11 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait: faust commits and the driver leaves the group."""
+    def stop(self, timeout: float = 30, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM (or `sig`, e.g. SIGINT) and wait: faust commits and the driver leaves the group."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -153,13 +154,17 @@ async def committed(client: AnyRedis, keys: Keys, group: str) -> dict[TP, int]:
 
 async def probe_table(client: AnyRedis, keys: Keys, timeout: float = 20) -> dict[str, int]:
     """Ask the worker for its table (the `dump` agent) and wait for the answer."""
-    before = (await bounds(client, keys, "probe-reply", 0))[1]
+    # a topic an app only sends to is declared with its default partition count (as Kafka's
+    # auto-create does), and unkeyed answers go round-robin: look at every partition
+    partitions = range(int(await client.hget(keys.topic_meta("probe-reply"), "partitions") or 16))
+    before = {p: (await bounds(client, keys, "probe-reply", p))[1] for p in partitions}
     await produce(client, keys, "probe", [(b"", b"?")], partitions=1)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        entries = await read_entries(client, keys, "probe-reply", 0, before, 1)
-        if entries:
-            return json.loads(decode_record(*entries[0]).value or b"{}")
+        for p in partitions:
+            entries = await read_entries(client, keys, "probe-reply", p, before[p], 1)
+            if entries:
+                return json.loads(decode_record(*entries[0]).value or b"{}")
         await asyncio.sleep(0.1)
     raise AssertionError("the worker did not answer the table probe")

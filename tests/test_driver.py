@@ -22,7 +22,7 @@ from streams.errors import StreamUnavailable
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
-from tests.driver_harness import broker_url
+from tests.driver_harness import broker_url, produce
 from tests.topic_reads import read_entries
 from tickwave.servers import free_port
 
@@ -255,3 +255,45 @@ async def test_a_client_only_app_reads_every_partition_without_joining_the_group
         assert await redis.zrange(keys.group("drivertest", "members"), 0, -1) == []
     finally:
         await app.stop()
+
+
+async def test_a_seek_to_no_offset_reads_the_partition_from_its_start(redis_url, keys, redis):
+    # faust's table recovery seeks a standby partition with None when a rebalance added it
+    # after the offsets were built (tables/recovery.py); the worker must not crash on it
+    await produce(redis, keys, "counts-changelog", [(b"k", str(i).encode()) for i in range(3)], partitions=1)
+    app = make_app(broker_url(redis_url, keys))
+    app.client_only = True  # reads every partition without a group: no rebalance in this test
+    consumer = app.consumer
+    await consumer.transport.acquire()
+    try:
+        await consumer.subscribe(["counts-changelog"])
+        tp = TP("counts-changelog", 0)
+        await consumer.seek_wait({tp: None})
+        records = await consumer._getmany({tp}, 1.0)
+        assert [m.value for m in records[tp]] == [b"0", b"1", b"2"]
+    finally:
+        await consumer.transport.release()
+
+
+async def test_a_fetch_that_a_rebalance_overtakes_delivers_nothing_from_the_partitions_taken_away(
+        redis_url, keys, redis):
+    # the fetch reads positions for a partition new to it while a rebalance takes every partition
+    # away (what _rebalance does between revoking and the new assignment): it must neither crash
+    # on a position that is gone nor bring a stale one back
+    await produce(redis, keys, "src", [(b"k", b"1")], partitions=2)
+    await produce(redis, keys, "src", [(b"k1", b"2")], partitions=2)
+    app = make_app(broker_url(redis_url, keys))
+    app.client_only = True  # every partition, no group: only this consumer's bookkeeping matters
+    consumer = app.consumer
+    await consumer.transport.acquire()
+    try:
+        await consumer.subscribe(["src"])
+        known, new = TP("src", partition_for(b"k", 2)), TP("src", partition_for(b"k1", 2))
+        await consumer.seek_wait({known: 0})
+        fetch = asyncio.create_task(consumer._getmany({known, new}, 1.0))
+        await asyncio.sleep(0)  # the fetch now waits for the new partition's watermarks
+        consumer._forget_assignment()
+        assert await fetch == {}
+        assert consumer._positions == {}, "a position read before the rebalance came back after it"
+    finally:
+        await consumer.transport.release()

@@ -44,6 +44,17 @@ def test_names_that_would_break_hash_tags_are_refused(bad):
         Keys().events(bad)
 
 
+@pytest.mark.parametrize("good", ["ticks", "x" * 249, "app.agent-src-Order.account_id-repartition", "a_b-c.d"])
+def test_every_topic_name_kafka_accepts_is_a_key(good):
+    assert Keys("tw:").topic_partition(good, 0) == f"tw:t:{{{good}.0}}"
+
+
+@pytest.mark.parametrize("bad", ["", "a{b", "a}b", "with space", "a|b", "x" * 250])
+def test_topic_names_kafka_refuses_are_refused(bad):
+    with pytest.raises(BadKey):
+        Keys().topic_meta(bad)
+
+
 # --- partitioner ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

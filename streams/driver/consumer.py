@@ -100,6 +100,8 @@ class Consumer(base.Consumer):
 
     async def on_stop(self) -> None:
         await super().on_stop()
+        if not self.app.client_only:
+            await self.commit_all_acked()
         if self._joined_round >= 0:
             try:
                 await asyncio.wait_for(self.group.leave(), 5.0)
@@ -116,6 +118,7 @@ class Consumer(base.Consumer):
     async def subscribe(self, topics: Iterable[str]) -> None:
         """Subscribe to topics (created as Kafka would auto-create them); starts a rebalance."""
         names = frozenset(topics)
+        await self.transport.check_topics(sorted(names))
         settings = await self.transport.topics.ensure(sorted(names))
         if self.app.client_only:
             # a client (faust's start_client, for agent replies) reads everything from the end
@@ -179,8 +182,15 @@ class Consumer(base.Consumer):
         app = self.app
         metrics.REBALANCES.labels(app.conf.id).inc()
         app.on_rebalance_start()
-        await self.on_partitions_revoked(set(self._assigned))
-        self._forget_assignment()
+        revoking = asyncio.ensure_future(self._revoke())
+        try:
+            done, _ = await asyncio.wait({revoking}, timeout=self._step_aside_after)
+            if not done:
+                await self._step_aside()
+            await revoking
+        except asyncio.CancelledError:
+            revoking.cancel()
+            raise
         metadata = self._assignor.metadata(set(self._subscription)).encode()
         changed, self._subscription_changed = self._subscription_changed, False
         group = self.group
@@ -200,6 +210,63 @@ class Consumer(base.Consumer):
                     after = await group.wait(after, 500)
                 else:  # again / evicted: a newer round, join it
                     break
+
+    async def _revoke(self) -> None:
+        if self._assigned:
+            await self._finish_in_flight_work()
+        await self.on_partitions_revoked(set(self._assigned))
+        self._forget_assignment()
+
+    @property
+    def _step_aside_after(self) -> float:
+        """Longest a round waits for this member's revocation before it steps aside."""
+        return min(self.transport.options.session_timeout / 2, self.app.conf.broker_rebalance_timeout)
+
+    async def _step_aside(self) -> None:
+        """Agents are still busy with events (a long call, a paused stream) and the revocation
+        cannot finish: leave the group so that the round goes on without this member, instead
+        of holding its partitions, unread, for the whole rebalance timeout. What it finished is
+        committed first; the events still running are processed again by the next owner (their
+        late commits are fenced), as after a kill. It joins again once they are done."""
+        note(WARNING, "revocation held up by busy agents: stepping aside so the group moves on",
+             member=self.member_id, after_s=self._step_aside_after)
+        metrics.STEP_ASIDES.labels(self.app.conf.id).inc()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.commit_all_acked()), 1.0)
+        except asyncio.TimeoutError:
+            pass  # still committing: it lands before the next generation, or is fenced
+        try:
+            await self.group.leave()
+        except StreamUnavailable as exc:
+            note(WARNING, "could not step aside; the lease will expire", member=self.member_id, error=str(exc))
+            return
+        self._joined_round = -1
+
+    async def _finish_in_flight_work(self) -> None:
+        """Stop handing out events, let the ones being processed finish and commit them, while
+        this member still owns its partitions in its generation (nobody can be assigned them
+        before it joins the new round, so the commit is accepted).
+
+        faust's on_partitions_revoked forgets the acked but not yet committed offsets of the
+        partitions it revokes before it waits for the streams and commits (faust/transport/
+        consumer.py), so without this a rebalance loses up to a commit interval of progress
+        and the next owner processes those messages again."""
+        app = self.app
+        self.stop_flow()
+        app.flow_control.suspend()
+        self.pause_partitions(self._assigned)
+        app.flow_control.clear()  # events still queued for the agents: not started, so not lost
+        if app.conf.stream_wait_empty:
+            await self.wait_empty()  # commits as in-flight events finish
+        await self.commit_all_acked()
+
+    async def commit_all_acked(self) -> bool:
+        """Commit every offset acked so far. faust's commit() returns without committing when
+        another commit (the periodic one) is under way, and that one took its offsets before the
+        latest acks: wait for it, then commit what is left."""
+        while await self.maybe_wait_for_commit_to_finish():
+            pass
+        return await self.commit()
 
     async def _lead(self, reply: Reply) -> None:
         raw = reply.payload
@@ -256,20 +323,38 @@ class Consumer(base.Consumer):
         tps = [tp for tp in tps if tp not in self._positions]
         if not tps:
             return
-        committed = {} if self.app.client_only else await self.group.committed(tps)
+        # a rebalance or a seek while the offsets are read makes them stale: not applied
+        seeks = {tp: self._seeks[tp] for tp in tps}
+        client = self.app.client_only
+        committed = {} if client else await self.group.committed(tps)
         marks = await self.transport.topics.watermarks(tps)
-        latest = self.app.client_only or self.app.conf.consumer_auto_offset_reset == "latest"
+        latest = client or self.app.conf.consumer_auto_offset_reset == "latest"
         for tp in tps:
+            if self._seeks[tp] != seeks[tp] or tp not in self._assigned:
+                continue
             low, high = marks[tp]
             self._highwaters[tp] = high
-            offset = committed.get(tp)
+            offset = self.transport.client_start(tp) if client else committed.get(tp)
+            if client and offset is not None:
+                offset = max(offset, low)  # retention may have trimmed past it
             if offset is None or not low <= offset <= high:
                 offset = high if latest else low
             self._positions[tp] = offset
 
-    def _set_position(self, tp: TP, offset: int) -> None:
+    def _set_position(self, tp: TP, offset: int | None) -> None:
         self._seeks[tp] += 1
-        self._positions[tp] = max(0, int(offset))
+        # None: faust's recovery had no offset for a standby partition yet (a rebalance came
+        # between building the offsets and seeking them, tables/recovery.py); like its -1,
+        # read the changelog from the start, which is never wrong, and the recovery restarts
+        self._positions[tp] = max(0, int(offset)) if offset is not None else 0
+
+    async def wait_empty(self) -> None:
+        """Wait for the events being processed to be acked, committing as they are; a client
+        (faust's start_client) commits nothing, and the stream reading its replies acks the last
+        reply only when the next one comes, so waiting for it would keep a command from exiting."""
+        if self.app.client_only:
+            return
+        await super().wait_empty()
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek every assigned partition to its committed offset; returns them."""
@@ -279,14 +364,14 @@ class Consumer(base.Consumer):
                 self._set_position(tp, offset)
         return cast(Mapping[TP, int], committed)
 
-    async def _seek(self, partition: TP, offset: int) -> None:
+    async def _seek(self, partition: TP, offset: int | None) -> None:
         self._set_position(partition, offset)
 
-    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+    async def seek_wait(self, partitions: Mapping[TP, int | None]) -> None:
         """Seek partitions (table recovery) and keep faust's read offsets in step."""
         for tp, offset in partitions.items():
             self._set_position(tp, offset)
-            if offset > 0:
+            if offset is not None and offset > 0:
                 self._read_offset[tp] = offset
             else:
                 self._read_offset.pop(tp, None)
@@ -332,7 +417,8 @@ class Consumer(base.Consumer):
             note(WARNING, "commit fenced: partitions belong to another member now",
                         member=self.member_id, generation=self._generation,
                                partitions=",".join(sorted(f"{tp.topic}/{tp.partition}" for tp in refused)))
-            self._needs_rebalance.set()
+            if not self._rebalancing:  # a rebalance under way already ends in a new generation
+                self._needs_rebalance.set()
             return False
         return True
 
@@ -373,6 +459,11 @@ class Consumer(base.Consumer):
 
     async def _fetch(self, tps: list[TP], timeout: float) -> dict[TP, list[ConsumerMessage]]:
         await self._resolve(tps)
+        # a rebalance while the positions were resolved may have taken some away
+        tps = [tp for tp in tps if tp in self._positions and tp in self._assigned]
+        if not tps:
+            await asyncio.sleep(min(timeout, 0.1))
+            return {}
         topics = self.transport.topics
         opts = self.transport.options
         seeks = {tp: self._seeks[tp] for tp in tps}

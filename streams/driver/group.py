@@ -24,7 +24,7 @@ _PARTS = ("members", "meta", "joined", "md", "asg", "owners", "offsets", "wake")
 
 
 def tp_field(tp: TP) -> str:
-    """A partition as a hash field; `|` cannot occur in a topic name (streams.keys.check_name)."""
+    """A partition as a hash field; `|` cannot occur in a topic name (streams.keys.check_topic)."""
     return f"{tp.topic}|{tp.partition}"
 
 

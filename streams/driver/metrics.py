@@ -10,3 +10,6 @@ COMMITS_FENCED = Counter(
     "Partition commits refused because another member owns the partition now", ["group"])
 CORRUPT = Counter(
     "tickwave_driver_corrupt_records_total", "Topic entries that could not be decoded, dead-lettered", ["topic"])
+STEP_ASIDES = Counter(
+    "tickwave_driver_step_asides_total",
+    "Rebalances this process stepped out of because its agents were still busy revoking", ["group"])

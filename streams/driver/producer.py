@@ -96,7 +96,10 @@ class Producer(base.Producer):
     ) -> Awaitable[RecordMetadata]:
         """Queue one record; the future resolves with its partition and offset once written."""
         topics = self.transport.topics
-        settings = topics.cached(topic) or (await topics.ensure([topic]))[topic]
+        settings = topics.cached(topic)
+        if settings is None:
+            await self.transport.check_topics([topic])
+            settings = (await topics.ensure([topic]))[topic]
         if partition is None:
             partition = (partition_for(key, settings.partitions) if key
                          else next(self._round_robin[topic]) % settings.partitions)

@@ -17,7 +17,7 @@ from streams.connection import AnyRedis, execute
 from streams.driver.logs import WARNING, note
 from streams.errors import StreamsError, translated
 from streams.keys import Keys
-from streams.topics import TopicSettings, declare
+from streams.topics import TopicSettings, declare, stored
 from streams.log import queue_bounds, read_bounds
 
 
@@ -57,6 +57,14 @@ class Topics:
         if settings.partitions != partitions:
             note(WARNING, "topic exists with other settings", topic=topic, partitions=settings.partitions, asked=partitions)
         return settings
+
+    async def ends(self, topic: str) -> dict[int, int]:
+        """The next offset of each partition of a topic, without declaring it: {} when it does not exist."""
+        settings = self.cached(topic) or await stored(self.client, self.keys, topic)
+        if settings is None:
+            return {}
+        marks = await self.watermarks(TP(topic, p) for p in range(settings.partitions))
+        return {tp.partition: high for tp, (_low, high) in marks.items()}
 
     def stream(self, tp: TP) -> str:
         return self.keys.topic_partition(tp.topic, tp.partition)

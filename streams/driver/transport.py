@@ -10,24 +10,25 @@ naming the parameter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from faust.exceptions import ImproperlyConfigured
 from faust.transport import base
-from faust.types import AppT
+from faust.types import TP, AppT
 from mode.utils.times import want_seconds
 from yarl import URL
 
 from streams.connection import AnyRedis, connect
+from streams.driver.conductor import Conductor
 from streams.driver.consumer import Consumer
 from streams.driver.producer import Producer
 from streams.driver.topics import Topics
-from streams.driver.logs import WARNING, note
+from streams.driver.logs import ERROR, WARNING, note
 from streams.errors import BadKey, StreamsError, StreamUnavailable, translated
-from streams.keys import DEFAULT_PREFIX, Keys, check_name
+from streams.keys import DEFAULT_PREFIX, Keys, check_name, check_topic
 from streams.partition import partition_for
 from streams.topics import TopicSettings
 
@@ -99,6 +100,7 @@ class DriverOptions:
 class Transport(base.Transport):
     """faust's transport on Redis Streams: topic-partition streams with dense offsets."""
 
+    Conductor: ClassVar[type[Conductor]] = Conductor  # type: ignore[assignment,misc]
     Consumer: ClassVar[type[Consumer]] = Consumer  # type: ignore[assignment,misc]
     Producer: ClassVar[type[Producer]] = Producer  # type: ignore[assignment,misc]
     driver_version = "tickwave-redis-streams 1"
@@ -118,11 +120,30 @@ class Transport(base.Transport):
         self._redis: AnyRedis | None = None
         self._topics: Topics | None = None
         self._users = 0
+        self._reply_starts: dict[int, int] | None = None
 
     async def acquire(self) -> None:
         """A service (consumer, producer) starts using the client: check Redis answers."""
         self._users += 1
         await self.check_connection()
+        if self._reply_starts is None:
+            # before this process sends anything, so before any request it sends: see client_start
+            try:
+                self._reply_starts = await self.topics.ends(self.app.conf.reply_to)
+            except BadKey:
+                self._reply_starts = {}  # the subscription refuses the name, with the reason
+
+    def client_start(self, tp: TP) -> int | None:
+        """Where a client-only app (faust's start_client: a CLI command, a script, a web process
+        asking agents) starts reading a partition; None for its end.
+
+        The app's reply topic is read from where it ended when this process first used Redis:
+        faust sends a request before it subscribes to the reply topic (agent.ask, join, map),
+        and a reply written before the subscription must not be skipped. Replies to other
+        processes met on a shared reply topic are ignored by faust (unknown correlation ids)."""
+        if self._reply_starts is None or tp.topic != self.app.conf.reply_to:
+            return None
+        return self._reply_starts.get(tp.partition, 0)  # a partition that did not exist then: all of it
 
     async def release(self) -> None:
         """A service stopped; the last one closes the client."""
@@ -165,6 +186,19 @@ class Transport(base.Transport):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def check_topics(self, topics: Iterable[str]) -> None:
+        """Refuse a topic name the driver cannot use by crashing the app with the reason, so a
+        worker stops at start-up (its subscription, its streams' topics) instead of one stream
+        failing while the rest runs on."""
+        for topic in topics:
+            try:
+                check_topic(topic)
+            except BadKey as exc:
+                error = ImproperlyConfigured(f"{exc} (the Redis Streams driver takes Kafka's topic names)")
+                note(ERROR, "topic name refused", reason=str(exc))
+                await self.app.crash(error)
+                raise error from None
+
     async def create_topic(
         self, topic: str, partitions: int, *, config: Mapping[str, Any] | None = None,
         retention: Any = None, compacting: bool | None = None,
@@ -176,10 +210,7 @@ class Transport(base.Transport):
         maxlen = int(config.get("redis.maxlen", 0))
         if compacting:
             retention_ms = maxlen = 0
-        try:
-            check_name(topic, "topic")
-        except BadKey as exc:
-            raise ImproperlyConfigured(str(exc)) from None
+        await self.check_topics([topic])
         return await self.topics.create(topic, partitions, retention_ms=retention_ms, maxlen=maxlen)
 
     def producer_partition(self, topic: str, key: bytes) -> int:

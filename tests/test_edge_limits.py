@@ -37,7 +37,12 @@ async def test_a_frame_over_the_size_cap_is_closed_with_1009(edge):
     [("{not json", "bad_json"), ('{"type":"launch"}', "unknown_type"),
      ('{"type":"subscribe","subscription_type":"fund","target":"x"}', "bad_message"),
      ('{"type":"subscribe","subscription_type":"stock","target":"999999"}', "bad_message"),
-     ('{"type":"subscribe","target":"bad{name}"}', "bad_message")],
+     ('{"type":"subscribe","target":"bad{name}"}', "bad_message"),
+     # well-formed JSON with a wrongly typed field: an error frame, never a closed connection
+     ('{"type":["subscribe"]}', "bad_message"), ('{"type":{"a":1}}', "bad_message"),
+     ('{"type":"subscribe","target":"x","id":{"a":1}}', "bad_message"),
+     ('{"type":"subscribe","target":"x","last_event_id":5}', "bad_message"),
+     ('{"type":"subscribe","target":"x","last_event_id":"18446744073709551616-0"}', "bad_message")],
 )
 async def test_a_bad_frame_gets_an_error_and_the_connection_stays_open(edge, frame, code):
     async with ws_client(edge) as c:

@@ -17,7 +17,7 @@ from edge.signal_lists import SignalLists
 from edge.state import EdgeState, state_key
 from edge.ws import websocket
 from streams.archive import ArchiveStore
-from streams.connection import connect
+from streams.connection import connect, dedicated
 from streams.events import EventLog
 from streams.keys import Keys
 from streams.pg import create_pool
@@ -54,14 +54,19 @@ def create_app(settings: EdgeSettings) -> web.Application:
     redis_url = settings.redis_url
     app = web.Application(middlewares=[json_errors])
 
+    # every connection of the node carries its name: `CLIENT LIST` shows what a node holds
+    name = f"tickwave-edge-{settings.edge_node}"
+
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        client = connect(redis_url)
+        client = connect(redis_url, pool_size=settings.edge_redis_connections, client_name=name)
         keys = Keys(settings.key_prefix)
         events = EventLog(client, keys)
         pool = await create_pool(settings.database_url) if settings.database_url else None
         verifier = (TokenVerifier(secret=settings.edge_jwt_secret, public_key=settings.edge_jwt_public_key,
                                   audience=settings.edge_jwt_audience) if settings.auth_enabled else None)
-        hub = Hub(client, keys, events, node=settings.edge_node, tick_partitions=settings.tick_partitions)
+        hub = Hub(client, keys, events, node=settings.edge_node, reader=lambda: dedicated(redis_url, client_name=name),
+                  tick_partitions=settings.tick_partitions, max_tails=settings.edge_max_tails,
+                  cluster_poll_ms=settings.edge_cluster_poll_ms)
         app[state_key] = EdgeState(settings, client, keys, events, hub, ArchiveStore(pool) if pool else None,
                                    pool, verifier, AddressCounter(settings.edge_max_connections_per_ip),
                                    SignalLists(SignalStore(pool)) if pool else None)

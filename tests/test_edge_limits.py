@@ -1,14 +1,19 @@
 """Every refusal the edge makes has its documented answer; slow clients are conflated then closed."""
 
 import asyncio
+import random
 import time
+import uuid
+from collections import Counter
+from contextlib import AsyncExitStack
 
 import aiohttp
 import jwt
 import pytest
+from prometheus_client import REGISTRY
 
 from streams.events import EventLog
-from tests.edge_harness import edge_settings, running_edge, ws_client
+from tests.edge_harness import edge_connections, edge_settings, running_edge, stored_keys, ws_client
 from tests.factories import price_changes
 
 SECRET = "test-secret-with-enough-length-for-hs256"
@@ -64,7 +69,10 @@ async def test_a_bad_frame_never_closes_other_clients(edge):
         assert (await good.next())["type"] == "pong"
 
 
-async def test_too_many_subscriptions_is_an_error_then_4029(edge):
+async def test_too_many_subscriptions_is_an_error_then_4029(edge, redis, keys):
+    log = EventLog(redis, keys)
+    for name in ("a1", "a2", "a3"):
+        await log.append_events(name, price_changes(1, name))
     async with ws_client(edge) as c:
         await c.next()
         for name in ("a1", "a2"):
@@ -95,6 +103,9 @@ async def test_missing_or_bad_token_closes_4001(redis_url, keys, redis):
 
 
 async def test_a_token_allows_only_its_strategies(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    for name in ("volume_wave", "breakout"):
+        await log.append_events(name, price_changes(1, name))
     async with running_edge(edge_settings(redis_url, keys, edge_jwt_secret=SECRET)) as base:
         headers = {"Authorization": f"Bearer {token(['volume_wave'])}"}
         async with ws_client(base, headers=headers) as c:
@@ -131,6 +142,146 @@ async def test_connections_per_address_are_capped(redis_url, keys, redis):
                 assert info.value.status == 429
         async with ws_client(base) as c:  # freed again once they left
             assert (await c.next())["type"] == "connected"
+
+
+def edge_label_values() -> set[str]:
+    """Every label value of every edge metric."""
+    return {value for metric in REGISTRY.collect() if metric.name.startswith("tickwave_edge")
+            for sample in metric.samples for value in sample.labels.values()}
+
+
+async def test_made_up_strategies_are_refused_and_create_no_state(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(3))
+    made_up = [f"nope_{uuid.uuid4().hex[:12]}" for _ in range(300)]
+    before = await stored_keys(redis, keys)
+    node = f"made-up-{uuid.uuid4().hex[:8]}"
+    async with running_edge(edge_settings(redis_url, keys, edge_node=node)) as base, AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(ws_client(base)) for _ in range(10)]
+        for c in clients:
+            await c.next(type="connected")
+        for i, name in enumerate(made_up):  # 30 per connection, all sent at once (auth off, the default)
+            await clients[i % 10].send({"type": "subscribe", "target": name, "id": i})
+        errors = {}
+        for c in clients:
+            for _ in range(30):
+                err = await c.next(type="error")
+                errors[err["id"]] = err
+        assert set(errors) == set(range(300))
+        assert {e["code"] for e in errors.values()} == {"unknown_strategy"}
+        assert {e["details"]["target"] for e in errors.values()} == set(made_up)
+        # real subscribes keep working, on every one of those connections
+        for c in clients:
+            await c.send({"type": "subscribe", "target": "volume_wave"})
+            assert (await c.next(type="subscribed"))["target"] == "volume_wave"
+            assert (await c.next(type="price_update"))["snapshot"] is True
+        live = await log.append_events("volume_wave", price_changes(2, start=3))
+        for c in clients:
+            while c.event_ids() != live:
+                await c.next()
+        assert await edge_connections(redis, node) <= 4 + 1  # the pool (4 by default) and one reader
+    assert await stored_keys(redis, keys) == before, "a made-up name created a key (and its group)"
+    assert edge_label_values().isdisjoint(made_up), "a made-up name became a metric label"
+
+
+async def test_a_strategy_that_appears_later_is_subscribable_from_then_on(edge, redis, keys):
+    log = EventLog(redis, keys)
+    async with ws_client(edge) as c:
+        await c.next()
+        await c.send({"type": "subscribe", "target": "late_bloomer", "id": 1})
+        err = await c.next(type="error")
+        assert (err["code"], err["id"], err["details"]) == ("unknown_strategy", 1, {"target": "late_bloomer"})
+        await c.send({"type": "subscribe", "subscription_type": "market", "target": "all", "id": 2})
+        err = await c.next(type="error")  # `market` is a strategy name like any other
+        assert (err["code"], err["id"], err["details"]) == ("unknown_strategy", 2, {"target": "market"})
+        first = await log.append_events("late_bloomer", price_changes(2, "late_bloomer"))
+        await c.send({"type": "subscribe", "target": "late_bloomer", "id": 3})
+        assert (await c.next(type="subscribed"))["id"] == 3
+        snap = await c.next(type="price_update")
+        assert snap["snapshot"] is True and [r["event_id"] for r in snap["data"]] == first
+        live = await log.append_events("late_bloomer", price_changes(2, "late_bloomer", start=2))
+        while c.event_ids() != live:
+            await c.next()
+
+
+async def test_a_node_follows_at_most_max_tails_streams(redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    for name in ("s1", "s2", "s3"):
+        await log.append_events(name, price_changes(1, name))
+    async with running_edge(edge_settings(redis_url, keys, edge_max_tails=2)) as base:
+        async with ws_client(base) as a, ws_client(base) as b:
+            await a.next()
+            await b.next()
+            for name in ("s1", "s2"):
+                await a.send({"type": "subscribe", "target": name})
+                await a.next(type="price_update")
+            await b.send({"type": "subscribe", "target": "s1"})  # an existing tail: no new one needed
+            await b.next(type="price_update")
+            await b.send({"type": "subscribe", "target": "s3", "id": 9})
+            err = await b.next(type="error")
+            assert (err["code"], err["id"]) == ("node_full", 9)
+            await b.send('{"type":"ping"}')
+            assert (await b.next(type="pong"))["type"] == "pong"  # the connection stays
+            await a.send({"type": "unsubscribe", "target": "s2"})
+            await a.next(type="unsubscribed")
+            await b.send({"type": "subscribe", "target": "s3"})
+            assert (await b.next(type="subscribed"))["target"] == "s3"
+
+
+def live_rows(client) -> list[tuple[str, str]]:
+    """(target, event id) of every live price row the client received."""
+    return [(f["target"], row["event_id"]) for f in client.frames
+            if f["type"] == "price_update" and not f["snapshot"] for row in f["data"]]
+
+
+async def test_500_strategies_are_read_over_at_most_5_redis_connections_and_every_event_arrives_once(
+        redis_url, keys, redis):
+    log = EventLog(redis, keys)
+    names = [f"s{i:03d}" for i in range(500)]
+    for name in names:
+        await log.append_events(name, price_changes(1, name))
+    node = f"mux-{uuid.uuid4().hex[:8]}"
+    settings = edge_settings(redis_url, keys, edge_node=node, edge_max_subscriptions=50, edge_rate_burst=60)
+    peak = [0]
+
+    async def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], await edge_connections(redis, node))
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    appended: dict[str, list[str]] = {name: [] for name in names}
+    try:
+        async with running_edge(settings) as base, AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(base)) for _ in range(10)]
+            for i, c in enumerate(clients):  # one client's 500 subscriptions, 50 per connection
+                await c.next(type="connected")
+                for name in names[i * 50:(i + 1) * 50]:
+                    await c.send({"type": "subscribe", "target": name})
+            for c in clients:
+                for _ in range(50):
+                    await c.next(type="subscribed", timeout=20)
+            rng = random.Random(13)
+            offset, end = 1, time.monotonic() + 2.0
+            while time.monotonic() < end:  # a couple of seconds of events over random strategies
+                for name in rng.sample(names, 20):
+                    appended[name] += await log.append_events(name, price_changes(2, name, start=offset))
+                offset += 2
+            expected = Counter((name, i) for name, ids in appended.items() for i in ids)
+            deadline = time.monotonic() + 20
+            for i, c in enumerate(clients):
+                want = sum(len(appended[name]) for name in names[i * 50:(i + 1) * 50])
+                while len(live_rows(c)) < want:
+                    assert time.monotonic() < deadline, "events missing after 20 s"
+                    await c.next(timeout=deadline - time.monotonic())
+            # anything sent twice would arrive by now
+            await asyncio.gather(*(c.drain(quiet=0.3) for c in clients))
+    finally:
+        sampler.cancel()
+    assert sum(expected.values()) > 1000
+    received = Counter(row for c in clients for row in live_rows(c))
+    assert received == expected, "an event missing, duplicated or sent to the wrong target"
+    assert 1 <= peak[0] <= 5, f"the node held {peak[0]} Redis connections"
 
 
 class RawSlowClient:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from edge import api
 from edge.auth import TokenVerifier
@@ -47,6 +48,12 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
+async def going_away(app: web.Application) -> None:
+    """Close every WebSocket with 1001 (going away), all at once, and stop the hub's readers."""
+    st = app[state_key]
+    await asyncio.gather(*(session.going_away() for session in list(st.sessions)), st.hub.close())
+
+
 def create_app(settings: EdgeSettings) -> web.Application:
     """The edge application; Redis (and PostgreSQL when configured) open in cleanup_ctx."""
     if not settings.redis_url:
@@ -73,15 +80,15 @@ def create_app(settings: EdgeSettings) -> web.Application:
         log.info("edge started", extra={"node": settings.edge_node, "group": hub.group,
                                          "auth": bool(verifier), "archive": bool(pool)})
         yield
-        for session in list(app[state_key].sessions):
-            await session.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-        await hub.close()
+        await going_away(app)
         if pool is not None:
             await pool.close()
         await client.aclose()
         log.info("edge stopped", extra={"node": settings.edge_node})
 
     app.cleanup_ctx.append(resources)
+    # aiohttp runs on_shutdown before it waits for the handlers: clients hear 1001 at once
+    app.on_shutdown.append(going_away)
     app.router.add_get("/ws/stock/prices", websocket)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/api/signals/buy", api.buy_signals)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import uuid
@@ -199,6 +200,13 @@ class Session:
         if sub is not None:
             await self.state.hub.leave(sub)
         self.sender.send(Unsubscribed(subscription_type=msg.subscription_type, target=msg.target, id=msg.id))
+
+    async def going_away(self) -> None:
+        """The server is stopping: close with 1001 now, without waiting on a client that does not read."""
+        await self.sender.stop()
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(
+                self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down", drain=False), 1.0)
 
     async def close(self) -> None:
         for sub in self.subs.values():

@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import signal
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -423,6 +425,50 @@ async def test_a_new_tail_is_read_at_once_not_after_the_blocked_read_times_out(e
             ids = await log.append_events("second", price_changes(1, "second", start=1))
             await collect_until(c, lambda: c.event_ids() == ids)
             assert time.monotonic() - t < BLOCK_MS / 1000 / 4, "the read naming `second` waited out the block"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stopping_edge_closes_every_client_with_1001_within_1s_and_exits_within_5s(
+        redis_url, keys, redis, signum):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(3))
+    node = EdgeProcess(redis_url, keys, f"stop-{uuid.uuid4().hex[:8]}")
+    try:
+        await node.ready()
+        async with aiohttp.ClientSession() as s:
+            sockets = [await s.ws_connect(node.base + "/ws") for _ in range(50)]
+            for ws in sockets:
+                assert (await ws.receive_json(timeout=5))["type"] == "connected"
+                await ws.send_json({"type": "subscribe", "target": "volume_wave"})
+            for ws in sockets:
+                while (await ws.receive_json(timeout=5))["type"] != "price_update":
+                    pass
+
+            async def close_of(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, float]:
+                while True:
+                    msg = await ws.receive(timeout=10)
+                    if msg.type == aiohttp.WSMsgType.CLOSE:
+                        return msg.data, time.monotonic()
+                    if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return ws.close_code, time.monotonic()
+
+            closes = [asyncio.create_task(close_of(ws)) for ws in sockets]
+            feeder = Feeder(log)
+            feeder.start()  # events keep flowing while it stops
+            await asyncio.sleep(0.2)
+            sent = time.monotonic()
+            node.proc.send_signal(signum)
+            got = await asyncio.gather(*closes)
+            await feeder.stop()
+            code = await asyncio.to_thread(node.proc.wait, 10)
+            exited = time.monotonic() - sent
+    finally:
+        if node.proc.poll() is None:
+            node.kill()
+    assert [c for c, _ in got] == [1001] * 50
+    slowest = max(t for _, t in got) - sent
+    assert slowest < 1.0, f"the last client heard 1001 after {slowest:.2f}s"
+    assert code == 0 and exited < 5.0, f"exit code {code} after {exited:.2f}s"
 
 
 async def test_a_stream_recreated_among_several_gets_a_new_group_and_the_others_go_on(edge, redis, keys):

@@ -1,6 +1,7 @@
 """Every refusal the edge makes has its documented answer; slow clients are conflated then closed."""
 
 import asyncio
+import math
 import random
 import time
 import uuid
@@ -353,7 +354,9 @@ async def test_a_slow_client_is_conflated_then_closed_while_a_fast_one_keeps_its
     await log.append_events("volume_wave", price_changes(3))
     conflations_before = metrics.CONFLATIONS._value.get()
     closes_before = metrics.SLOW_CLOSES._value.get()
-    settings = edge_settings(redis_url, keys, edge_send_queue_bytes=65536, edge_socket_sndbuf=8192)
+    # a queue cap many batches deep: the slow client lags through hundreds of batches (each
+    # conflation shrinks its queue to three rows, and only the fourth without a drain closes it)
+    settings = edge_settings(redis_url, keys, edge_send_queue_bytes=SLOW_CAP, edge_socket_sndbuf=8192)
     async with running_edge(settings) as base:
         slow = RawSlowClient(settings.edge_port)
         await slow.connect_and_subscribe("volume_wave")
@@ -362,25 +365,40 @@ async def test_a_slow_client_is_conflated_then_closed_while_a_fast_one_keeps_its
             await fast.send({"type": "subscribe", "target": "volume_wave"})
             await fast.next(type="price_update")
             latencies, offset = [], 1000
-            for _ in range(300):
-                ids = await log.append_events("volume_wave", price_changes(200, start=offset))
-                offset += 200
+            for _ in range(5000):
+                ids = await log.append_events("volume_wave", price_changes(SLOW_BATCH, start=offset))
+                offset += SLOW_BATCH
                 t = time.monotonic()
                 await _wait_for_id(fast, ids[-1])
-                latencies.append(time.monotonic() - t)
                 if metrics.SLOW_CLOSES._value.get() > closes_before:
                     break
-            latencies.sort()
-            p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+                latencies.append(time.monotonic() - t)  # a batch sent while the slow client lagged
             assert metrics.SLOW_CLOSES._value.get() > closes_before, "the slow client was never closed"
-            assert p99 < 0.5, f"the fast client's p99 was {p99:.3f}s while a slow one lagged"
-        assert metrics.CONFLATIONS._value.get() > conflations_before
+            assert metrics.CONFLATIONS._value.get() - conflations_before >= 2
+            assert len(latencies) >= 200, f"only {len(latencies)} samples while the slow client lagged"
+            ordered = sorted(latencies)
+            p99, median = ordered[math.ceil(len(ordered) * 0.99) - 1], ordered[len(ordered) // 2]
+            assert p99 < SLOW_P99_S, f"the fast client's p99 was {p99:.3f}s while a slow one lagged"
+            assert median < SLOW_MEDIAN_S, f"the fast client's median was {median:.3f}s while a slow one lagged"
         assert await slow.close_code() == 4008
 
 
+SLOW_CAP = 512 * 1024
+SLOW_BATCH = 20
+# measured with the slow client lagging: median about 1 ms, p99 under 10 ms (281 samples); a
+# fast client must not wait on a slow one
+SLOW_MEDIAN_S = 0.02
+SLOW_P99_S = 0.1
+
+
 async def _wait_for_id(client, event_id):
-    while event_id not in client.event_ids():
-        await client.next(timeout=5)
+    """Read until a live frame carries `event_id` (it must come within 5 s)."""
+    if event_id in client.event_ids():
+        return
+    while True:
+        frame = await client.next(timeout=5)
+        if frame["type"] == "price_update" and any(r["event_id"] == event_id for r in frame["data"]):
+            return
 
 
 async def test_bad_frames_are_logged_in_one_line_without_a_traceback(edge, caplog):

@@ -219,7 +219,9 @@ async def fanout_ours(url: str, n: int, seconds: float, per_batch: int, every: f
     proc = start_edge(url, keys, port)
     tally = Tally()
     stop_at = [0.0]
+    walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
     try:
+        await log.append_events("bench", [walk.next_event()])  # only a strategy with events is subscribable
         await wait_healthy(port, proc)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         ready = asyncio.Event()
@@ -243,7 +245,6 @@ async def fanout_ours(url: str, n: int, seconds: float, per_batch: int, every: f
 
         tasks = [asyncio.create_task(one()) for _ in range(n)]
         await asyncio.wait_for(ready.wait(), 120)
-        walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
         stop_at[0] = time.time() + seconds + 2  # count what arrives up to 2 s after the last send
 
         async def write(events: list[Any]) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from edge import api
 from edge.auth import TokenVerifier
@@ -17,7 +18,7 @@ from edge.signal_lists import SignalLists
 from edge.state import EdgeState, state_key
 from edge.ws import websocket
 from streams.archive import ArchiveStore
-from streams.connection import connect
+from streams.connection import connect, dedicated
 from streams.events import EventLog
 from streams.keys import Keys
 from streams.pg import create_pool
@@ -47,6 +48,12 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
+async def going_away(app: web.Application) -> None:
+    """Close every WebSocket with 1001 (going away), all at once, and stop the hub's readers."""
+    st = app[state_key]
+    await asyncio.gather(*(session.going_away() for session in list(st.sessions)), st.hub.close())
+
+
 def create_app(settings: EdgeSettings) -> web.Application:
     """The edge application; Redis (and PostgreSQL when configured) open in cleanup_ctx."""
     if not settings.redis_url:
@@ -54,29 +61,34 @@ def create_app(settings: EdgeSettings) -> web.Application:
     redis_url = settings.redis_url
     app = web.Application(middlewares=[json_errors])
 
+    # every connection of the node carries its name: `CLIENT LIST` shows what a node holds
+    name = f"tickwave-edge-{settings.edge_node}"
+
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        client = connect(redis_url)
+        client = connect(redis_url, pool_size=settings.edge_redis_connections, client_name=name)
         keys = Keys(settings.key_prefix)
         events = EventLog(client, keys)
         pool = await create_pool(settings.database_url) if settings.database_url else None
         verifier = (TokenVerifier(secret=settings.edge_jwt_secret, public_key=settings.edge_jwt_public_key,
                                   audience=settings.edge_jwt_audience) if settings.auth_enabled else None)
-        hub = Hub(client, keys, events, node=settings.edge_node, tick_partitions=settings.tick_partitions)
+        hub = Hub(client, keys, events, node=settings.edge_node, reader=lambda: dedicated(redis_url, client_name=name),
+                  tick_partitions=settings.tick_partitions, max_tails=settings.edge_max_tails,
+                  cluster_poll_ms=settings.edge_cluster_poll_ms)
         app[state_key] = EdgeState(settings, client, keys, events, hub, ArchiveStore(pool) if pool else None,
                                    pool, verifier, AddressCounter(settings.edge_max_connections_per_ip),
                                    SignalLists(SignalStore(pool)) if pool else None)
         log.info("edge started", extra={"node": settings.edge_node, "group": hub.group,
                                          "auth": bool(verifier), "archive": bool(pool)})
         yield
-        for session in list(app[state_key].sessions):
-            await session.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-        await hub.close()
+        await going_away(app)
         if pool is not None:
             await pool.close()
         await client.aclose()
         log.info("edge stopped", extra={"node": settings.edge_node})
 
     app.cleanup_ctx.append(resources)
+    # aiohttp runs on_shutdown before it waits for the handlers: clients hear 1001 at once
+    app.on_shutdown.append(going_away)
     app.router.add_get("/ws/stock/prices", websocket)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/api/signals/buy", api.buy_signals)

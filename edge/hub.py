@@ -1,97 +1,61 @@
-"""Fan-out hub: one consumer-group tail per strategy stream per node, shared by all its subscribers.
+"""Fan-out hub: one tail per followed stream per node, shared by all its subscribers.
 
-A tail starts with the first subscriber and stops with the last, so streams
-nobody watches are not read. Its group is `edge:<node>`: a restarted node
-resumes where it stopped, and its lag shows in metrics.
+A strategy tail follows `tw:ev:{S}` through the node's consumer group `edge:<node>`
+(a restarted node resumes where it stopped, and its lag shows in metrics); a stock
+tail follows one partition of the ticks topic with plain reads. A tail starts with
+its first subscriber and stops with its last, so streams nobody watches are not read.
+Every tail of a kind is read by one `Reader` (edge/reader.py): Redis connections per
+node do not grow with strategies or watched stocks. Only strategies that have had an
+event can be tailed (the caller checks), and at most `max_tails` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import cast
 
 from edge import metrics
 from edge.conn import Outgoing
 from edge.frames import batch_of, price_update
+from edge.reader import Entries, Entry, Reader
 from edge.subscription import Subscription, outgoing
 from schemas.events import Tick
 from schemas.messages import price_row, quote_doc
 from streams import groups
 from streams.codec import decode_record, lazy
 from streams.connection import AnyRedis
-from streams.errors import CorruptEntry, NoGroup, StreamUnavailable, translated
+from streams.errors import CorruptEntry, translated
 from streams.events import EventLog
 from streams.keys import Keys
 from streams.partition import partition_for
+from streams.topics import declare
 
 log = logging.getLogger("tickwave.edge")
 
-async def _stop_task(tail: StrategyTail | StockTail) -> None:
-    # redis-py can turn a cancelled blocking read into a ConnectionError, which the
-    # retry loop would swallow: the flag ends the loop whatever the read raised
-    tail.stopping = True
-    if tail.task:
-        tail.task.cancel()
-        try:
-            await asyncio.wait_for(tail.task, timeout=5)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
-            pass
+TICKS = "ticks"
+LAG_EVERY_S = 5.0
+STOCK_LABEL = "*"  # stock subscriptions are counted together: codes are not a bounded label set
+
+
+class NodeFull(Exception):
+    """The node already follows `max_tails` streams; a new one cannot start here."""
+
+
+def subscription_label(sub: Subscription) -> str:
+    return STOCK_LABEL if sub.kind == "stock" else sub.target
 
 
 class StrategyTail:
-    def __init__(self, hub: Hub, strategy: str):
-        self.hub, self.strategy = hub, strategy
-        self.key = hub.events.stream_key(strategy)
+    def __init__(self, strategy: str, key: str):
+        self.strategy, self.key = strategy, key
         self.subs: set[Subscription] = set()
         self.epoch: str | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.stopping = False
 
-    async def start(self) -> None:
-        await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="$")
-        self.epoch = await self.hub.events.epoch(self.strategy)
-        self.task = asyncio.create_task(self._run(), name=f"tail-{self.strategy}")
-        log.info("tail started", extra={"strategy": self.strategy, "group": self.hub.group})
-
-    async def stop(self) -> None:
-        await _stop_task(self)
-        log.info("tail stopped", extra={"strategy": self.strategy})
-
-    async def _run(self) -> None:
-        backoff = 0.2
-        last_lag = 0.0
-        while not self.stopping:
-            try:
-                got = await groups.read_group(self.hub.client, self.hub.group, self.hub.consumer,
-                                              {self.key: ">"}, count=1000, block_ms=1000)
-                for _, entries in got:
-                    if entries:
-                        self._dispatch(entries)
-                        await groups.ack(self.hub.client, self.hub.group, [(self.key, e[0]) for e in entries])
-                if time.monotonic() - last_lag > 5:
-                    last_lag = time.monotonic()
-                    lag = await groups.group_lag(self.hub.client, self.key, self.hub.group)
-                    if lag is not None:
-                        metrics.CONSUMER_LAG.labels(self.strategy, self.hub.group).set(lag)
-                        self.hub.lag[self.strategy] = lag
-                backoff = 0.2
-            except asyncio.CancelledError:
-                raise
-            except NoGroup:
-                # the stream was deleted and recreated: a new epoch, a new group
-                log.warning("stream recreated; following the new epoch", extra={"strategy": self.strategy})
-                await groups.ensure_group(self.hub.client, self.key, self.hub.group, start_id="0")
-                self.epoch = await self.hub.events.epoch(self.strategy)
-            except StreamUnavailable as exc:
-                if self.stopping:
-                    return
-                log.warning("redis unavailable; retrying", extra={"strategy": self.strategy, "error": str(exc)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5)
-
-    def _dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def dispatch(self, entries: list[Entry]) -> None:
         batch, bad = batch_of(self.strategy, self.epoch, (lazy(eid, f) for eid, f in entries))
         if bad:
             metrics.REFUSALS.labels("corrupt_event").inc(bad)
@@ -107,34 +71,11 @@ class StrategyTail:
 class StockTail:
     """Live quotes of the stocks someone subscribed to, from their ticks partition (no group)."""
 
-    def __init__(self, hub: Hub, partition: int):
-        self.hub, self.partition = hub, partition
-        self.key = hub.keys.topic_partition("ticks", partition)
+    def __init__(self, partition: int, key: str):
+        self.partition, self.key = partition, key
         self.subs: dict[str, set[Subscription]] = {}
-        self.task: asyncio.Task[None] | None = None
-        self.stopping = False
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"stock-tail-{self.partition}")
-
-    async def stop(self) -> None:
-        await _stop_task(self)
-
-    async def _run(self) -> None:
-        last = "$"
-        while not self.stopping:
-            try:
-                with translated(f"tail {self.key}"):
-                    reply = await self.hub.client.xread({self.key: last}, count=1000, block=1000)
-            except StreamUnavailable:
-                await asyncio.sleep(1)
-                continue
-            for _, entries in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply or []):
-                for eid, fields in entries:
-                    last = eid.decode() if isinstance(eid, bytes) else eid
-                    self._dispatch(last, fields)
-
-    def _dispatch(self, eid: str, fields: dict[bytes, bytes]) -> None:
+    def dispatch(self, eid: str, fields: dict[bytes, bytes]) -> None:
         try:
             record = decode_record(eid, fields)
         except CorruptEntry:
@@ -156,62 +97,156 @@ class StockTail:
 
 
 class Hub:
-    def __init__(self, client: AnyRedis, keys: Keys, events: EventLog, *, node: str, tick_partitions: int):
+    def __init__(
+        self, client: AnyRedis, keys: Keys, events: EventLog, *, node: str, reader: Callable[[], AnyRedis],
+        tick_partitions: int, max_tails: int = 1000, cluster_poll_ms: int = 50,
+    ):
+        """`client` is the shared pool; `reader` opens a dedicated connection (one per Reader).
+        `tick_partitions` is only the default for a ticks topic no one has declared yet."""
         self.client, self.keys, self.events = client, keys, events
         self.group = f"edge:{node}"
         self.consumer = node
-        self.tick_partitions = tick_partitions
+        self.default_partitions = tick_partitions
+        self.max_tails = max_tails
         self.tails: dict[str, StrategyTail] = {}
         self.stock_tails: dict[int, StockTail] = {}
         self.lag: dict[str, int] = {}
+        self._tail_by_key: dict[str, StrategyTail] = {}
+        self._stock_by_key: dict[str, StockTail] = {}
+        self._partitions: int | None = None
+        self._lag_at = 0.0
         self._lock = asyncio.Lock()
+        self.event_reader = Reader("events", reader, client, handle=self._on_events,
+                                   group=(self.group, self.consumer), recover=self._recover,
+                                   poll_ms=cluster_poll_ms)
+        self.tick_reader = Reader("ticks", reader, client, handle=self._on_ticks, poll_ms=cluster_poll_ms)
+
+    def _full(self) -> bool:
+        return len(self.tails) + len(self.stock_tails) >= self.max_tails
+
+    async def tick_partitions(self) -> int:
+        """The ticks topic's partition count as stored in Redis (as ingest and the join read it),
+        asked once per node."""
+        if self._partitions is None:
+            self._partitions = (await declare(self.client, self.keys, [TICKS],
+                                              partitions=self.default_partitions))[TICKS].partitions
+        return self._partitions
 
     async def join(self, sub: Subscription) -> None:
-        """Attach a (buffering) subscription; returns once its tail is reading."""
+        """Attach a (buffering) subscription; its tail follows the stream once this returns.
+        NodeFull when it would need a new tail and the node has `max_tails`."""
         async with self._lock:
-            if sub.kind == "stock":
-                p = partition_for(sub.code, self.tick_partitions)
-                tail = self.stock_tails.get(p)
-                if tail is None:
-                    tail = self.stock_tails[p] = StockTail(self, p)
-                    tail.start()
-                tail.subs.setdefault(sub.code, set()).add(sub)
-                sub.buffering = False
-            else:
-                strategy_tail = self.tails.get(sub.target)
-                if strategy_tail is None:
-                    strategy_tail = StrategyTail(self, sub.target)
-                    await strategy_tail.start()
-                    self.tails[sub.target] = strategy_tail
-                strategy_tail.subs.add(sub)
-            metrics.SUBSCRIPTIONS.labels(sub.kind, sub.target).inc()
+            reader = await (self._join_stock(sub) if sub.kind == "stock" else self._join_strategy(sub))
+            metrics.SUBSCRIPTIONS.labels(sub.kind, subscription_label(sub)).inc()
+        if reader is not None:
+            await reader.interrupt()
+
+    async def _join_strategy(self, sub: Subscription) -> Reader | None:
+        tail = self.tails.get(sub.target)
+        started = tail is None
+        if tail is None:
+            if self._full():
+                raise NodeFull(sub.target)
+            tail = StrategyTail(sub.target, self.events.stream_key(sub.target))
+            # a new group starts at the end; an existing one (a restarted node) where it stopped
+            await groups.ensure_group(self.client, tail.key, self.group, start_id="$")
+            tail.epoch = await self.events.epoch(sub.target)
+            self.tails[sub.target] = self._tail_by_key[tail.key] = tail
+            self.event_reader.follow(tail.key, ">")
+            log.info("tail started", extra={"strategy": sub.target, "group": self.group})
+        tail.subs.add(sub)
+        return self.event_reader if started else None
+
+    async def _join_stock(self, sub: Subscription) -> Reader | None:
+        p = partition_for(sub.code, await self.tick_partitions())
+        tail = self.stock_tails.get(p)
+        started = tail is None
+        if tail is None:
+            if self._full():
+                raise NodeFull(sub.target)
+            tail = StockTail(p, self.keys.topic_partition(TICKS, p))
+            with translated(f"tail of {tail.key}"):
+                newest = cast(list[Entry], await self.client.xrevrange(tail.key, count=1))
+            self.stock_tails[p] = self._stock_by_key[tail.key] = tail
+            # from the newest entry now, as an id: quotes from here on, none skipped between reads
+            self.tick_reader.follow(tail.key, newest[0][0].decode() if newest else "0-0")
+        tail.subs.setdefault(sub.code, set()).add(sub)
+        sub.buffering = False
+        return self.tick_reader if started else None
 
     async def leave(self, sub: Subscription) -> None:
+        reader = None
         async with self._lock:
-            metrics.SUBSCRIPTIONS.labels(sub.kind, sub.target).dec()
+            metrics.SUBSCRIPTIONS.labels(sub.kind, subscription_label(sub)).dec()
             if sub.kind == "stock":
-                for p, tail in list(self.stock_tails.items()):
-                    code_subs = tail.subs.get(sub.code)
+                for p, stock_tail in list(self.stock_tails.items()):
+                    code_subs = stock_tail.subs.get(sub.code)
                     if code_subs and sub in code_subs:
                         code_subs.discard(sub)
                         if not code_subs:
-                            del tail.subs[sub.code]
-                        if not tail.subs:
-                            del self.stock_tails[p]
-                            await tail.stop()
-                return
-            strategy_tail = self.tails.get(sub.target)
-            if strategy_tail is None:
-                return
-            strategy_tail.subs.discard(sub)
-            if not strategy_tail.subs:
-                del self.tails[sub.target]
-                await strategy_tail.stop()
+                            del stock_tail.subs[sub.code]
+                        if not stock_tail.subs:
+                            del self.stock_tails[p], self._stock_by_key[stock_tail.key]
+                            self.tick_reader.unfollow(stock_tail.key)
+                            reader = self.tick_reader
+            else:
+                tail = self.tails.get(sub.target)
+                if tail is not None:
+                    tail.subs.discard(sub)
+                    if not tail.subs:
+                        del self.tails[sub.target], self._tail_by_key[tail.key]
+                        self.event_reader.unfollow(tail.key)
+                        reader = self.event_reader
+                        self.lag.pop(sub.target, None)
+                        with contextlib.suppress(KeyError):  # no lag measured yet
+                            metrics.CONSUMER_LAG.remove(sub.target, self.group)
+                        log.info("tail stopped", extra={"strategy": sub.target})
+        if reader is not None:
+            # not reading a stream nobody watches: its events stay for the group to read later
+            await reader.interrupt()
+
+    async def _on_events(self, got: Entries) -> None:
+        acks: list[tuple[str, bytes]] = []
+        for key, entries in got:
+            if not entries:
+                continue
+            tail = self._tail_by_key.get(key)
+            if tail is not None:
+                if tail.epoch is None:  # followed before the stream's first event set its epoch
+                    tail.epoch = await self.events.epoch(tail.strategy)
+                tail.dispatch(entries)
+            acks += [(key, eid) for eid, _ in entries]
+        if acks:
+            await groups.ack(self.client, self.group, acks)
+        if time.monotonic() - self._lag_at > LAG_EVERY_S and self.tails:
+            self._lag_at = time.monotonic()
+            tails = list(self.tails.values())
+            lags = await groups.group_lags(self.client, [t.key for t in tails], self.group)
+            for tail in tails:
+                lag = lags.get(tail.key)
+                if lag is not None and tail.strategy in self.tails:
+                    metrics.CONSUMER_LAG.labels(tail.strategy, self.group).set(lag)
+                    self.lag[tail.strategy] = lag
+
+    async def _recover(self, keys: set[str]) -> None:
+        """Groups gone with their streams (deleted and recreated): a new epoch, read from its start."""
+        for key in keys:
+            tail = self._tail_by_key.get(key)
+            if tail is not None and await groups.ensure_group(self.client, key, self.group, start_id="0"):
+                log.warning("stream recreated; following the new epoch", extra={"strategy": tail.strategy})
+                tail.epoch = await self.events.epoch(tail.strategy)
+
+    async def _on_ticks(self, got: Entries) -> None:
+        for key, entries in got:
+            stock_tail = self._stock_by_key.get(key)
+            if stock_tail is not None:
+                for eid, fields in entries:
+                    stock_tail.dispatch(eid.decode(), fields)
 
     async def close(self) -> None:
-        for tail in list(self.tails.values()):
-            await tail.stop()
-        for stock_tail in list(self.stock_tails.values()):
-            await stock_tail.stop()
+        """Stop both readers (promptly: their blocked reads are interrupted) and forget every tail."""
+        await asyncio.gather(self.event_reader.stop(), self.tick_reader.stop())
         self.tails.clear()
         self.stock_tails.clear()
+        self._tail_by_key.clear()
+        self._stock_by_key.clear()

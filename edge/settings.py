@@ -24,6 +24,27 @@ class EdgeSettings(CommonSettings):
     edge_rate_per_s: float = Field(20.0, gt=0, description="client messages per second, sustained")
     edge_rate_burst: int = Field(40, ge=1, description="client messages allowed in a burst")
     edge_max_connections_per_ip: int = Field(200, ge=1, description="concurrent connections from one address")
+    edge_max_tails: int = Field(
+        1000, ge=1,
+        description="streams one node follows at once (strategy streams and tick partitions); a subscribe that "
+                    "needs one more gets a node_full error",
+    )
+    edge_redis_connections: int = Field(
+        4, ge=1,
+        description="the node's shared Redis pool (subscribes, history, acks, lag); a command waits for a free "
+                    "connection. Blocking reads have their own: one for strategy streams, one for tick "
+                    "partitions, so a node holds at most this + 2 (standalone Redis)",
+    )
+    edge_cluster_poll_ms: int = Field(
+        50, ge=1, le=5000,
+        description="Redis Cluster only: how often the node polls the streams it follows (a blocking read "
+                    "cannot name keys of different slots)",
+    )
+    edge_shutdown_s: float = Field(
+        2.0, gt=0,
+        description="on SIGTERM/SIGINT every WebSocket is closed with 1001 at once; requests in flight "
+                    "(history downloads) get this long before the process exits",
+    )
     edge_send_queue_bytes: int = Field(1 << 20, ge=4096, description="per-connection send queue cap; past it prices conflate")
     edge_socket_sndbuf: int = Field(
         256 * 1024, ge=4096, description="kernel send buffer per WebSocket: bounds what hides from the queue's cap"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import uuid
@@ -13,6 +14,7 @@ from edge import metrics
 from edge.auth import OPEN, AuthError, Grant, token_from
 from edge.conn import Outgoing, Sender
 from edge.frames import batch_of, price_update
+from edge.hub import NodeFull
 from edge.subscription import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
@@ -112,6 +114,11 @@ class Session:
             _refuse("forbidden")
             raise ProtocolError(ErrorCode.FORBIDDEN, f"this token may not subscribe to {target!r}",
                                 {"target": target}, msg.id)
+        if msg.subscription_type != "stock" and not await self.state.events.is_strategy(target):
+            # checked before anything is created: a made-up name leaves no key, group, reader or label
+            _refuse("unknown_strategy")
+            raise ProtocolError(ErrorCode.UNKNOWN_STRATEGY, f"no such strategy {target!r}: it has no events yet",
+                                {"target": target}, msg.id)
         key = (msg.subscription_type, target)
         if key in self.subs:
             await self.state.hub.leave(self.subs.pop(key))
@@ -124,8 +131,14 @@ class Session:
             await self.ws.close(code=CLOSE_LIMIT, message=b"too many subscriptions")
             return False
         sub = Subscription(msg.subscription_type, target, self.sender, code=code)
+        try:
+            await self.state.hub.join(sub)  # live events buffer from here on
+        except NodeFull:
+            _refuse("node_full")
+            raise ProtocolError(ErrorCode.NODE_FULL,
+                                f"this node follows its maximum of {self.state.settings.edge_max_tails} streams; "
+                                "try another node", {"target": target}, msg.id) from None
         self.subs[key] = sub
-        await self.state.hub.join(sub)  # live events buffer from here on
         if msg.subscription_type == "stock":
             self.sender.send(Subscribed(subscription_type="stock", target=msg.target, id=msg.id))
             return True
@@ -187,6 +200,13 @@ class Session:
         if sub is not None:
             await self.state.hub.leave(sub)
         self.sender.send(Unsubscribed(subscription_type=msg.subscription_type, target=msg.target, id=msg.id))
+
+    async def going_away(self) -> None:
+        """The server is stopping: close with 1001 now, without waiting on a client that does not read."""
+        await self.sender.stop()
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(
+                self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down", drain=False), 1.0)
 
     async def close(self) -> None:
         for sub in self.subs.values():

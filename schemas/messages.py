@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from schemas.base import Frozen
 from schemas.events import PriceChange, Signal, Tick
@@ -28,9 +28,17 @@ class Subscribe(ClientMessage):
     type: Literal["subscribe"]
     subscription_type: SubscriptionType = "strategy"
     target: str = Field(min_length=1, max_length=64)
-    last_event_id: str | None = Field(None, pattern=r"^\d+-\d+$")
+    last_event_id: str | None = Field(None, pattern=r"^\d+-\d+$", max_length=41)
     epoch: str | None = Field(None, max_length=64)
     id: RequestId = None
+
+    @field_validator("last_event_id")
+    @classmethod
+    def _stream_id(cls, value: str | None) -> str | None:
+        # Redis refuses ids past 64 bits: the answer would otherwise be a store error
+        if value is not None and any(int(part) >= 1 << 64 for part in value.split("-")):
+            raise ValueError("both parts of an event id must be below 2^64")
+        return value
 
 
 class Unsubscribe(ClientMessage):
@@ -206,6 +214,8 @@ class ErrorCode:
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = 404
     UNAVAILABLE = "unavailable"
+    UNKNOWN_STRATEGY = "unknown_strategy"  # never had an event: nothing to follow (yet)
+    NODE_FULL = "node_full"  # this edge node follows as many streams as it may; try another
 
 
 class Error(ServerMessage):
@@ -251,6 +261,13 @@ def parse_client_message(raw: str | bytes) -> Subscribe | Unsubscribe | Ping:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
     request_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
     kind = obj.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            "type must be a string",
+            [{"field": "type", "problem": f"must be one of {', '.join(sorted(_KNOWN_TYPES))}"}],
+            request_id,
+        )
     if kind not in _KNOWN_TYPES:
         raise ProtocolError(
             ErrorCode.UNKNOWN_TYPE,
@@ -261,8 +278,10 @@ def parse_client_message(raw: str | bytes) -> Subscribe | Unsubscribe | Ping:
     try:
         return _client_adapter.validate_python(obj)
     except ValidationError as exc:
-        details = [
-            {"field": ".".join(str(p) for p in e["loc"][1:]) or e["loc"][0], "problem": e["msg"]}
-            for e in exc.errors(include_url=False)
-        ]
+        # loc is (type, field[, union member]): one entry per field, its problems joined
+        problems: dict[str, list[str]] = {}
+        for e in exc.errors(include_url=False):
+            name = str(e["loc"][1]) if len(e["loc"]) > 1 else str(e["loc"][0])
+            problems.setdefault(name, []).append(e["msg"].removeprefix("Value error, "))
+        details = [{"field": name, "problem": "; ".join(msgs)} for name, msgs in problems.items()]
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad {kind} message", details, request_id) from None

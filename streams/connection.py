@@ -7,7 +7,7 @@ from typing import Any, TypeAlias
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.asyncio.cluster import RedisCluster
 
 from streams.errors import StreamsError
@@ -32,8 +32,11 @@ class HiredisPackingConnection(aioredis.Connection):
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
-def connect(url: str, **options: Any) -> AnyRedis:
-    """A binary-safe asyncio client; cluster URLs give a RedisCluster."""
+def connect(url: str, *, pool_size: int | None = None, pool_timeout: float = 5.0, **options: Any) -> AnyRedis:
+    """A binary-safe asyncio client; cluster URLs give a RedisCluster. With `pool_size`, a
+    standalone client holds at most that many connections and a command waits up to
+    `pool_timeout` seconds for a free one (then StreamUnavailable); RedisCluster keeps
+    redis-py's own pool per cluster node."""
     options.setdefault("decode_responses", False)
     options.setdefault("health_check_interval", 15)
     try:
@@ -49,9 +52,29 @@ def connect(url: str, **options: Any) -> AnyRedis:
         # position, or at-least-once for topic partitions)
         options.setdefault("retry", Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
         options.setdefault("retry_on_error", [rex.ConnectionError, rex.TimeoutError])
+        if pool_size is not None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=pool_size, timeout=pool_timeout, **options)
+            return aioredis.Redis.from_pool(pool)
         return aioredis.Redis.from_url(url, **options)
     except ValueError as exc:
         raise StreamsError(f"bad Redis URL {url!r}: {exc}") from None
+
+
+def dedicated(url: str, **options: Any) -> AnyRedis:
+    """A client on one connection of its own, for a blocking read that must not hold a pooled
+    connection. It never reconnects and retries silently: a reconnect changes the connection's
+    CLIENT ID, which whoever unblocks the read must learn (from the error it sees). A cluster
+    URL gives a RedisCluster of its own (its connections are per cluster node)."""
+    if url.startswith(CLUSTER_SCHEMES):
+        return connect(url, **options)
+    options.setdefault("retry", Retry(NoBackoff(), 0))
+    options.setdefault("health_check_interval", 0)
+    return connect(url, single_connection_client=True, **options)
+
+
+def is_cluster(client: AnyRedis) -> bool:
+    return isinstance(client, RedisCluster)
 
 
 async def execute(pipe: Any, action: str) -> list[Any]:

@@ -83,7 +83,8 @@ def translate(exc: BaseException, action: str) -> BaseException:
         text = str(exc)
         if text.startswith(_UNAVAILABLE_REPLIES):
             return StreamUnavailable(f"{action}: {exc}")
-        if text.startswith("NOGROUP"):
+        if text.startswith(("NOGROUP", "UNBLOCKED the stream key no longer exists")):
+            # the second: Redis 7 ends a blocked XREADGROUP whose stream was deleted
             return NoGroup(f"{action}: {exc}")
         if text.startswith("BUSYGROUP"):
             return GroupExists(f"{action}: {exc}")

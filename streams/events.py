@@ -98,7 +98,8 @@ class EventLog:
             return []
         if sources is not None and len(sources) != len(events):
             raise ValueError("sources must have one entry per event")
-        args: list[Any] = [*self._retention, secrets.token_hex(8), CODEC_VERSION]
+        fresh_epoch = secrets.token_hex(8)
+        args: list[Any] = [*self._retention, fresh_epoch, CODEC_VERSION]
         for i, event in enumerate(events):
             if isinstance(event, PriceChange) and event.strategy != strategy:
                 raise ValueError(f"event for {event.strategy!r} appended to {strategy!r}")
@@ -108,8 +109,9 @@ class EventLog:
             args.extend(_event_args(event, source))
         with translated(f"append events to {strategy}"):
             reply = await self._script(keys=self._keys_for(strategy), args=args)
-            if strategy not in self._registered:
-                # the strategies set lives on another slot: outside the script
+            if strategy not in self._registered or _text(reply[0]) == fresh_epoch:
+                # the strategies set lives on another slot: outside the script; registered again
+                # when the stream is new (a Redis that lost its data lost the set too)
                 await self.client.sadd(self.keys.strategies(), strategy)
                 self._registered.add(strategy)
         return [_text(i) for i in reply[1:] if i is not None]
@@ -173,6 +175,11 @@ class EventLog:
         with translated("read strategies"):
             raw = await self.client.smembers(self.keys.strategies())
         return sorted(_text(s) for s in raw)
+
+    async def is_strategy(self, name: str) -> bool:
+        """Whether `name` has had an event appended (one SISMEMBER; creates nothing)."""
+        with translated("check a strategy"):
+            return bool(await self.client.sismember(self.keys.strategies(), name))
 
     async def length(self, strategy: str) -> int:
         """Events Redis holds for the strategy now."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from streams.connection import AnyRedis, execute
-from streams.errors import CommandError, GroupExists, translated
+from streams.errors import CommandError, GroupExists, translate, translated
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -88,7 +88,35 @@ async def group_lag(client: AnyRedis, key: str, group: str) -> int | None:
             groups = await client.xinfo_groups(key)
     except CommandError:  # no such stream
         return None
-    for info in groups:
+    return _lag_of(groups, group)
+
+
+async def group_lags(client: AnyRedis, keys: Sequence[str], group: str) -> dict[str, int | None]:
+    """`group_lag` of many streams in one pipelined round trip."""
+    if not keys:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.xinfo_groups(key)
+    try:
+        with translated(f"group info of {len(keys)} streams"):
+            replies = await pipe.execute(raise_on_error=False)
+    finally:
+        await pipe.reset()
+    out: dict[str, int | None] = {}
+    for key, reply in zip(keys, replies):
+        if isinstance(reply, BaseException):
+            error = translate(reply, f"group info {key}")
+            if not isinstance(error, CommandError):
+                raise error
+            out[key] = None  # no such stream
+        else:
+            out[key] = _lag_of(reply, group)
+    return out
+
+
+def _lag_of(infos: Iterable[dict[Any, Any]], group: str) -> int | None:
+    for info in infos:
         name = info.get("name")
         if (name.decode() if isinstance(name, bytes) else name) == group:
             lag = info.get("lag")

@@ -37,6 +37,16 @@ async def running_edge(settings: EdgeSettings):
         await server.close()
 
 
+async def edge_connections(redis: Any, node: str) -> int:
+    """Connections Redis has open for the edge node `node` (the edge names each of them)."""
+    return sum(1 for c in await redis.client_list() if c.get("name") == f"tickwave-edge-{node}")
+
+
+async def stored_keys(redis: Any, keys: Any) -> list[bytes]:
+    """Every Redis key under the test's prefix, sorted."""
+    return sorted([k async for k in redis.scan_iter(match=f"{keys.prefix}*", count=1000)])
+
+
 class Client:
     """A WebSocket client that remembers every frame it received."""
 

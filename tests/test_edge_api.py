@@ -132,3 +132,47 @@ async def test_an_edge_whose_postgres_is_unreachable_refuses_to_start(redis_url,
     with pytest.raises(Exception):  # noqa: B017 - asyncpg raises OSError subclasses here
         async with running_edge(edge_settings(redis_url, keys, database_url=dead_pg)):
             pass
+
+
+# the page's script run by node against a stand-in DOM and WebSocket
+PAGE_HARNESS = """
+const els = {};
+const el = (id) => els[id] || (els[id] = {id, textContent: "", className: "", innerHTML: "", value: "volume_wave",
+                                          children: [], appendChild(c) { this.children.push(c); }});
+globalThis.document = {getElementById: el, createElement: () => el("row" + Math.random())};
+globalThis.location = {protocol: "http:", host: "edge"};
+const sockets = [], timers = [];
+globalThis.WebSocket = class { constructor(url) { this.url = url; this.sent = []; this.readyState = 0; sockets.push(this); }
+                               send(text) { this.sent.push(JSON.parse(text)); } close() {} };
+globalThis.setTimeout = (fn, ms) => { timers.push({fn, ms}); return timers.length; };
+globalThis.clearTimeout = (n) => { if (n) timers[n - 1].fn = () => {}; };
+globalThis.setInterval = () => 0;
+"""
+PAGE_DRIVE = """
+const sock = sockets[0];
+sock.readyState = 1; sock.onopen();
+sock.onmessage({data: JSON.stringify({type: "error", code: "unknown_strategy", error: "no such strategy",
+                                    details: {target: "volume_wave"}})});
+const refused = {state: el("state").textContent, sent: sock.sent.length};
+timers.splice(0).forEach((t) => t.fn());
+sock.onmessage({data: JSON.stringify({type: "subscribed", subscription_type: "strategy", target: "volume_wave"})});
+console.log(JSON.stringify({refused, sent: sock.sent, state: el("state").textContent}));
+"""
+
+
+def test_the_live_page_says_no_such_strategy_and_asks_again():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node to run the page's script")
+    html = (Path(__file__).parents[1] / "edge" / "static" / "index.html").read_text()
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    run = subprocess.run([node, "-e", PAGE_HARNESS + script + PAGE_DRIVE], capture_output=True, text=True,
+                         timeout=20)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    subscribe = {"type": "subscribe", "subscription_type": "strategy", "target": "volume_wave"}
+    assert got == {"refused": {"state": "no such strategy", "sent": 1}, "sent": [subscribe, subscribe], "state": "live"}

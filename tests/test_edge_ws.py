@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import signal
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -32,14 +34,18 @@ class Feeder:
         return ids
 
     async def _run(self):
-        while True:
+        while not self.stopping:
             await self.once(self.per_batch)
             await asyncio.sleep(self.pause)
 
     def start(self):
+        self.stopping = False
         self.task = asyncio.create_task(self._run())
 
     async def stop(self):
+        # redis-py can swallow a cancellation that lands in a command (it becomes a connection
+        # error, retried): the flag ends the loop whatever the cancel did
+        self.stopping = True
         self.task.cancel()
         try:
             await self.task
@@ -103,7 +109,7 @@ async def test_old_client_stock_subscription_with_a_bare_code(edge, redis, keys)
         sub = await c.next(type="subscribed")
         assert sub["subscription_type"] == "stock" and sub["target"] == "600519"
         writer = TickWriter(redis, keys, partitions=8, source="test")
-        await asyncio.sleep(0.2)  # the stock tail reads from "now"
+        # no pause: the tail reads from the partition's newest entry at subscribe time, not "$"
         await writer.write([raw("600519.SH", 1520.0), raw("000001.SZ", 11.3, pre_close=11.2, name="平安银行")])
         upd = await c.next(type="price_update")
         assert upd["target"] == "600519" and [r["code"] for r in upd["data"]] == ["600519"]
@@ -384,3 +390,108 @@ async def test_a_subscribe_while_redis_is_down_gets_an_error_and_the_connection_
                 assert (await c.next(type="pong"))["type"] == "pong"
     finally:
         own.stop()
+
+
+async def test_a_stock_tail_reads_the_stored_partition_count_of_the_ticks_topic(redis_url, keys, redis):
+    from agents.ingest import TickWriter
+    from streams.partition import partition_for
+    from streams.topics import declare
+    from tests.factories import raw_tick as raw
+
+    # a topic created with 3 partitions while this edge's setting says 8: the stored count wins
+    code = next(c for c in ("600519.SH", "000001.SZ", "300750.SZ", "601318.SH")
+                if partition_for(c, 3) != partition_for(c, 8))
+    await declare(redis, keys, ["ticks"], partitions=3)
+    async with running_edge(edge_settings(redis_url, keys, tick_partitions=8)) as base:
+        async with ws_client(base) as c:
+            await c.next()
+            await c.send({"type": "subscribe", "subscription_type": "stock", "target": code})
+            await c.next(type="subscribed")
+            await TickWriter(redis, keys, partitions=3, source="test").write([raw(code, 1520.0)])
+            upd = await c.next(type="price_update")
+            assert [(r["ts_code"], r["price"]) for r in upd["data"]] == [(code, 1520.0)]
+
+
+async def test_a_new_tail_is_read_at_once_not_after_the_blocked_read_times_out(edge, redis, keys):
+    from edge.reader import BLOCK_MS
+
+    log = EventLog(redis, keys)
+    for name in ("first", "second"):
+        await log.append_events(name, price_changes(1, name))
+    async with live_subscriber(edge, "first"):
+        await asyncio.sleep(0.1)  # the node's one read is now blocked on `first` alone
+        async with live_subscriber(edge, "second") as c:
+            t = time.monotonic()
+            ids = await log.append_events("second", price_changes(1, "second", start=1))
+            await collect_until(c, lambda: c.event_ids() == ids)
+            assert time.monotonic() - t < BLOCK_MS / 1000 / 4, "the read naming `second` waited out the block"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stopping_edge_closes_every_client_with_1001_within_1s_and_exits_within_5s(
+        redis_url, keys, redis, signum):
+    log = EventLog(redis, keys)
+    await log.append_events("volume_wave", price_changes(3))
+    node = EdgeProcess(redis_url, keys, f"stop-{uuid.uuid4().hex[:8]}")
+    try:
+        await node.ready()
+        async with aiohttp.ClientSession() as s:
+            sockets = [await s.ws_connect(node.base + "/ws") for _ in range(50)]
+            for ws in sockets:
+                assert (await ws.receive_json(timeout=5))["type"] == "connected"
+                await ws.send_json({"type": "subscribe", "target": "volume_wave"})
+            for ws in sockets:
+                while (await ws.receive_json(timeout=5))["type"] != "price_update":
+                    pass
+
+            async def close_of(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, float]:
+                while True:
+                    msg = await ws.receive(timeout=10)
+                    if msg.type == aiohttp.WSMsgType.CLOSE:
+                        return msg.data, time.monotonic()
+                    if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return ws.close_code, time.monotonic()
+
+            closes = [asyncio.create_task(close_of(ws)) for ws in sockets]
+            feeder = Feeder(log)
+            feeder.start()  # events keep flowing while it stops
+            await asyncio.sleep(0.2)
+            sent = time.monotonic()
+            node.proc.send_signal(signum)
+            got = await asyncio.gather(*closes)
+            await feeder.stop()
+            code = await asyncio.to_thread(node.proc.wait, 10)
+            exited = time.monotonic() - sent
+    finally:
+        if node.proc.poll() is None:
+            node.kill()
+    assert [c for c, _ in got] == [1001] * 50
+    slowest = max(t for _, t in got) - sent
+    assert slowest < 1.0, f"the last client heard 1001 after {slowest:.2f}s"
+    assert code == 0 and exited < 5.0, f"exit code {code} after {exited:.2f}s"
+
+
+async def test_a_stream_recreated_among_several_gets_a_new_group_and_the_others_go_on(edge, redis, keys):
+    log = EventLog(redis, keys)
+    names = ("steady", "reborn")
+    for name in names:
+        await log.append_events(name, price_changes(1, name))
+    async with ws_client(edge) as c:
+        await c.next()
+        for name in names:
+            await c.send({"type": "subscribe", "target": name})
+            await c.next(type="price_update")
+        sent = {name: await log.append_events(name, price_changes(2, name, start=1)) for name in names}
+        await collect_until(c, lambda: all(c.event_ids(n) == sent[n] for n in names))
+        old_epoch = await log.epoch("reborn")
+        # deleted and recreated under a read naming both streams: Redis answers NOGROUP for the read
+        await redis.delete(keys.events("reborn"), keys.epoch("reborn"), keys.snapshot("reborn"), keys.positions("reborn"))
+        sent["reborn"] += await log.append_events("reborn", price_changes(2, "reborn"))
+        sent["steady"] += await log.append_events("steady", price_changes(2, "steady", start=3))
+        await collect_until(c, lambda: all(c.event_ids(n) == sent[n] for n in names))
+        await c.drain()
+        assert {n: c.event_ids(n) for n in names} == sent
+        new_epoch = await log.epoch("reborn")
+        assert new_epoch != old_epoch
+        last = [f for f in c.frames if f["type"] == "price_update" and f["target"] == "reborn"][-1]
+        assert last["epoch"] == new_epoch

@@ -100,6 +100,22 @@ async def test_strategies_are_registered_on_first_append(log):
     assert await log.strategies() == ["breakout", "volume_wave"]
 
 
+async def test_is_strategy_answers_from_the_set_and_creates_nothing(log, any_redis, keys):
+    await log.append_events("volume_wave", price_changes(1))
+    before = sorted([k async for k in any_redis.scan_iter(match=f"{keys.prefix}*")])
+    assert await log.is_strategy("volume_wave") is True
+    assert await log.is_strategy("made_up") is False
+    assert sorted([k async for k in any_redis.scan_iter(match=f"{keys.prefix}*")]) == before
+
+
+async def test_a_strategy_is_registered_again_when_redis_lost_its_keys(log, any_redis, keys):
+    await log.append_events("volume_wave", price_changes(1))
+    found = [k async for k in any_redis.scan_iter(match=f"{keys.prefix}*")]
+    await any_redis.delete(*found)  # what a Redis restart without persistence leaves
+    await log.append_events("volume_wave", price_changes(1, start=1))
+    assert await log.strategies() == ["volume_wave"]
+
+
 async def test_retention_by_length_trims_old_events(any_redis, keys):
     log = EventLog(any_redis, keys, maxlen=100)
     for start in range(0, 1000, 100):

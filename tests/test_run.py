@@ -1,9 +1,11 @@
 """The README's run command: the whole pipeline, events produced by the join worker."""
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
+import time
 
 import aiohttp
 
@@ -29,8 +31,16 @@ async def test_tickwave_run_joins_ticks_into_events_archives_them_and_serves_the
                 assert r.status == 200 and "tickwave" in await r.text()
             async with s.ws_connect(f"http://127.0.0.1:{port}/ws/stock/prices") as ws:
                 assert (await ws.receive_json())["type"] == "connected"
-                await ws.send_json({"type": "subscribe", "subscription_type": "strategy", "target": "volume_wave"})
-                assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+                # volume_wave exists once the join has written its first event: until then, as the
+                # page does, ask again
+                deadline = time.monotonic() + 10
+                while True:
+                    await ws.send_json({"type": "subscribe", "subscription_type": "strategy", "target": "volume_wave"})
+                    reply = await ws.receive_json(timeout=5)
+                    if reply["type"] == "subscribed":
+                        break
+                    assert reply["code"] == "unknown_strategy" and time.monotonic() < deadline, reply
+                    await asyncio.sleep(0.2)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

@@ -149,6 +149,14 @@ def test_connected_and_error_keep_the_old_field_names():
         ('{"type": "subscribe"}', ErrorCode.BAD_MESSAGE),
         ('{"type": "subscribe", "target": "x", "subscription_type": "fund"}', ErrorCode.BAD_MESSAGE),
         ('{"type": "subscribe", "target": "x", "last_event_id": "yesterday"}', ErrorCode.BAD_MESSAGE),
+        ('{"type": ["subscribe"]}', ErrorCode.BAD_MESSAGE),
+        ('{"type": {"a": 1}}', ErrorCode.BAD_MESSAGE),
+        ('{"type": 5}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "subscribe", "target": "x", "id": {"a": 1}}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "subscribe", "target": "x", "last_event_id": 5}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "subscribe", "target": "x", "last_event_id": "18446744073709551616-0"}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "subscribe", "target": ["x"]}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "ping", "id": [1]}', ErrorCode.BAD_MESSAGE),
     ],
 )
 def test_bad_frames_raise_protocol_errors_with_codes(frame, code):
@@ -163,6 +171,25 @@ def test_protocol_error_echoes_the_request_id():
         parse_client_message('{"type": "subscribe", "id": 9}')
     assert info.value.to_message().id == 9
     assert info.value.details[0]["field"] == "target"
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [('{"type": ["subscribe"]}', "type"), ('{"type": "subscribe", "target": "x", "id": {"a": 1}}', "id"),
+     ('{"type": "subscribe", "target": "x", "last_event_id": 5}', "last_event_id"),
+     ('{"type": "subscribe", "target": "x", "last_event_id": "1-18446744073709551616"}', "last_event_id")],
+)
+def test_a_wrongly_typed_field_is_named_once_in_the_details(frame, field):
+    with pytest.raises(ProtocolError) as info:
+        parse_client_message(frame)
+    assert [d["field"] for d in info.value.details] == [field]
+    assert info.value.details[0]["problem"]
+
+
+def test_the_largest_stream_id_is_accepted():
+    top = (1 << 64) - 1
+    msg = parse_client_message(f'{{"type": "subscribe", "target": "x", "last_event_id": "{top}-{top}"}}')
+    assert isinstance(msg, Subscribe) and msg.last_event_id == f"{top}-{top}"
 
 
 def test_a_signal_row_is_the_signal_in_the_seed_list_style():

@@ -20,7 +20,8 @@ from streams.codec import (
     offset_to_id,
 )
 from streams.deadletter import quarantine
-from streams.errors import BadKey, OffsetConflict
+from streams.connection import server_version
+from streams.errors import BadKey, NoGroup, OffsetConflict
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import murmur2, partition_for
@@ -246,6 +247,32 @@ async def test_idle_entries_of_a_dead_consumer_are_claimed(any_redis, keys):
     assert [eid for eid, _ in claimed] == ids
     mine = await groups.read_group(any_redis, "archiver", "alive", {key: "0"}, count=10)
     assert len(mine[0][1]) == 3
+
+
+async def test_a_blocked_group_read_whose_stream_is_deleted_raises_no_group(any_redis, keys):
+    key = keys.events("g")
+    await groups.ensure_group(any_redis, key, "edge", start_id="$")
+    read = asyncio.create_task(groups.read_group(any_redis, "edge", "n1", {key: ">"}, block_ms=500))
+    await asyncio.sleep(0.1)
+    await any_redis.delete(key)
+    try:
+        assert await read == []  # Redis 6.2 lets the block run out...
+    except NoGroup:
+        pass  # ...Redis 7 ends it at once (UNBLOCKED)
+    with pytest.raises(NoGroup):
+        await groups.read_group(any_redis, "edge", "n1", {key: ">"})
+
+
+async def test_group_lags_of_many_streams_in_one_round_trip(any_redis, keys):
+    a, b, gone = keys.events("a"), keys.events("b"), keys.events("gone")
+    for key in (a, b):
+        await groups.ensure_group(any_redis, key, "edge", start_id="0")
+    await append_timed(any_redis, a, [{b"n": b"1"}, {b"n": b"2"}, {b"n": b"3"}])
+    lags = await groups.group_lags(any_redis, [a, b, gone], "edge")
+    if await server_version(any_redis) >= (7,):
+        assert lags == {a: 3, b: 0, gone: None}
+    else:  # 6.2 does not report lag
+        assert lags == {a: None, b: None, gone: None}
 
 
 # --- dead letters -------------------------------------------------------------------------

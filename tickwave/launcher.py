@@ -129,7 +129,7 @@ async def _run(settings: EdgeSettings, options: RunOptions, stop: asyncio.Event,
     keys = Keys(settings.key_prefix)
     pool = await create_pool(settings.database_url) if settings.database_url else None
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.edge_shutdown_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.edge_host, settings.edge_port)
     await site.start()

@@ -9,6 +9,7 @@ sent left out. This is what makes a resume gapless and free of duplicates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge.conn import Outgoing, Sender
 from edge.frames import Batch, price_update, signal_update
@@ -18,17 +19,35 @@ Id = tuple[int, int]
 
 
 def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
-    """The frames of a batch for one subscriber; events at or before `after` are left out."""
+    """The frames of a batch for one subscriber, in event id order (a client resumes after the
+    last id it saw, so a frame must never carry an id below one already sent); events at or
+    before `after` are left out. Consecutive price rows share one price_update frame."""
     rows = list(batch.prices)
     signals = list(batch.signals)
     if after is not None:
         rows = [r for r in rows if parse_id(r["event_id"]) > after]
         signals = [(i, s) for i, s in signals if parse_id(i) > after]
-    out = []
-    if rows:
-        out.append(Outgoing(price_update(batch.target, batch.epoch, rows), "price_update", batch.ingest_ms,
-                            (batch.target, batch.epoch, rows)))
-    out += [Outgoing(signal_update(batch.target, i, s), "signal_update") for i, s in signals]
+    out: list[Outgoing] = []
+
+    def flush(run: list[dict[str, Any]]) -> None:
+        if run:
+            out.append(Outgoing(price_update(batch.target, batch.epoch, run), "price_update", batch.ingest_ms,
+                                (batch.target, batch.epoch, run)))
+
+    run: list[dict[str, Any]] = []
+    pending = iter(signals)
+    nxt = next(pending, None)
+    for row in rows:
+        while nxt is not None and parse_id(nxt[0]) < parse_id(row["event_id"]):
+            flush(run)
+            run = []
+            out.append(Outgoing(signal_update(batch.target, nxt[0], nxt[1]), "signal_update"))
+            nxt = next(pending, None)
+        run.append(row)
+    flush(run)
+    while nxt is not None:
+        out.append(Outgoing(signal_update(batch.target, nxt[0], nxt[1]), "signal_update"))
+        nxt = next(pending, None)
     return out
 
 

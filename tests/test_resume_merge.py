@@ -140,3 +140,12 @@ def test_every_interleaving_delivers_each_event_after_the_resume_point_exactly_o
             expected = [eid(n) for n in range(max(replayed_to + 1, tail_from), last + 1)]
             assert sorted(got, key=parse_id) == expected, (replayed_to, tail_from, live_at)
             assert len(got) == len(set(got)), f"duplicate: {replayed_to=} {tail_from=} {live_at=}"
+
+
+def test_frames_go_out_in_event_id_order_so_a_resume_after_the_last_id_misses_nothing():
+    sub, rec = subscription()
+    sub.go_live(None)
+    deliver(sub, batch(range(1, 13)))  # signal changes at 5 and 10 between price rows
+    assert rec.ids() == [eid(n) for n in range(1, 13)]
+    kinds = [orjson.loads(item.text)["type"] for item in rec.items]
+    assert kinds == ["price_update", "signal_update", "price_update", "signal_update", "price_update"]

@@ -1,4 +1,6 @@
-"""The archiver process: everything archived exactly once, even when killed with SIGKILL."""
+"""The archiver process: everything archived exactly once, even when killed with SIGKILL, and
+nothing lost to retention while it is away (or, past the hold ceiling, the loss counted and
+recorded as a gap)."""
 
 import asyncio
 import os
@@ -10,10 +12,13 @@ import time
 
 import asyncpg
 import pytest
+import redis.exceptions as rex
 
-from agents.archiver import Archiver
+from agents.archiver import GAPS, LOST, Archiver
 from streams.archive import ArchiveStore
-from streams.events import EventLog
+from streams.codec import id_before
+from streams.events import HELD_BYTES, TRIMMED_UNARCHIVED, EventLog, Gap
+from streams.history import Reason, history
 from streams.pg import create_pool, upgrade
 from tests.factories import price_changes
 
@@ -176,3 +181,208 @@ async def test_archive_lag_is_reported_while_the_archiver_is_busy(redis, keys, p
     await pool.close()
     # the gauges moved while batches were still waiting, not only once the archiver went idle
     assert any(entries > 0 for entries, _ in lags[1:-1]), lags[:5]
+
+
+# --- retention while the archiver is away (issue #13) -----------------------------------------
+
+async def archive_until(client, keys, store, done, reason, consumer="t1", timeout=60, claim_idle_ms=30_000):
+    """Run an archiver until `done()`; returns it (stopped)."""
+    archiver = Archiver(client, keys, store, consumer=consumer, refresh_s=0.1, batch=500, claim_idle_ms=claim_idle_ms)
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(stop))
+    try:
+        await wait_for(done, timeout, reason)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    return archiver
+
+
+def counted(metric, strategy="volume_wave"):
+    return metric.labels(strategy)._value.get()
+
+
+async def write_during_downtime(log, ids, total, *, per_batch=100, pause=0.1):
+    """`total` more events in batches over about total / per_batch * pause seconds."""
+    start = len(ids)
+    for at in range(start, start + total, per_batch):
+        ids += await log.append_events("volume_wave", price_changes(per_batch, start=at))
+        await asyncio.sleep(pause)
+
+
+async def test_retention_shorter_than_the_archivers_downtime_loses_nothing(any_redis, keys, pg_url):
+    # the issue's measurement, scaled down: retention 2 s, the archiver away for 4 s of writes
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    log = EventLog(any_redis, keys, retention_ms=2000)
+    gaps_before = GAPS.labels("volume_wave", "ceiling")._value.get()
+    try:
+        ids = await log.append_events("volume_wave", price_changes(100))
+        await archive_until(any_redis, keys, store, lambda: _eq(pg_url, "volume_wave", ids), "first events archived")
+        held = []
+        for _ in range(4):  # the archiver stopped for maintenance: 4,000 events over about 4 s
+            await write_during_downtime(log, ids, 1000)
+            held.append(counted(HELD_BYTES))
+        assert await any_redis.xlen(keys.events("volume_wave")) >= 4000, "retention held while the archiver was away"
+        assert held[-1] > 0, "the held memory is reported"
+        await archive_until(any_redis, keys, store, lambda: _eq(pg_url, "volume_wave", ids), "archive caught up")
+        # caught up, retention trims again, and history spans the seam with no hole
+        await asyncio.sleep(2.1)
+        ids += await log.append_events("volume_wave", price_changes(100, start=len(ids)))
+        assert counted(HELD_BYTES) == 0
+        assert 4000 < ids.index(await log.first_id("volume_wave")) <= 4100
+        got = await history(log, store, "volume_wave", epoch=None, after_id=None, limit=10_000)
+        assert got.covered and [e.id for e in got.events] == ids
+        assert await store.gaps("volume_wave") == []
+        assert GAPS.labels("volume_wave", "ceiling")._value.get() == gaps_before
+    finally:
+        await pool.close()
+
+
+async def test_past_the_hold_ceiling_the_loss_is_counted_recorded_and_history_says_gap(any_redis, keys, pg_url):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    ids = await EventLog(any_redis, keys).append_events("volume_wave", price_changes(100))
+    per_100 = await any_redis.memory_usage(keys.events("volume_wave"), samples=5)
+    # room for about 1,500 held events, while 2 s of retention is about 2,000
+    log = EventLog(any_redis, keys, retention_ms=2000, hold_max_bytes=per_100 * 15)
+    trimmed_before, lost_before = counted(TRIMMED_UNARCHIVED), counted(LOST)
+    try:
+        await archive_until(any_redis, keys, store, lambda: _eq(pg_url, "volume_wave", ids), "first events archived")
+        await write_during_downtime(log, ids, 4000)
+        kept = [s.id for s in await log.read_after("volume_wave", None)]
+        lost = ids[100:ids.index(kept[0])]
+        assert kept == ids[len(ids) - len(kept):] and lost, "setup: the ceiling was passed"
+        assert counted(TRIMMED_UNARCHIVED) - trimmed_before == len(lost), "the writer counts the loss exactly"
+        archiver = await archive_until(any_redis, keys, store,
+                                       lambda: _eq(pg_url, "volume_wave", ids[:100] + kept), "archive caught up")
+        epoch = await log.epoch("volume_wave")
+        assert await store.gaps("volume_wave") == [Gap("volume_wave", epoch, lost[0], lost[-1], len(lost), "ceiling")]
+        assert (archiver.stats.gaps, archiver.stats.lost) == (1, len(lost))
+        assert counted(LOST) - lost_before == len(lost)
+        assert await log.gap_records("volume_wave") == [], "moved into the archive"
+        got = await history(log, store, "volume_wave", epoch=epoch, after_id=ids[50], limit=10_000)
+        assert (got.covered, got.reason, got.events) == (False, Reason.GAP, [])
+        got = await history(log, store, "volume_wave", epoch=epoch, after_id=lost[-1], limit=10_000)
+        assert got.covered and [e.id for e in got.events] == kept
+    finally:
+        await pool.close()
+
+
+async def test_a_trim_nobody_recorded_is_found_recorded_and_reported(any_redis, keys, pg_url):
+    # a writer without an archive group trims before any archiver ran: the group comes too late
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    log = EventLog(any_redis, keys, maxlen=100, archive_group=None)
+    ids = []
+    for start in range(0, 1000, 100):
+        ids += await log.append_events("volume_wave", price_changes(100, start=start))
+    kept = [s.id for s in await log.read_after("volume_wave", None)]
+    gaps_before, lost_before = GAPS.labels("volume_wave", "trimmed")._value.get(), counted(LOST)
+    try:
+        archiver = await archive_until(any_redis, keys, store, lambda: _eq(pg_url, "volume_wave", kept), "kept archived")
+        epoch = await log.epoch("volume_wave")
+        assert await store.gaps("volume_wave") == [Gap("volume_wave", epoch, ids[0], id_before(kept[0]), None, "trimmed")]
+        assert GAPS.labels("volume_wave", "trimmed")._value.get() - gaps_before == 1
+        assert counted(LOST) == lost_before and archiver.stats.lost == 0, "how many is unknown: nothing counted"
+        got = await history(log, store, "volume_wave", epoch=epoch, after_id=ids[0], limit=10_000)
+        assert (got.covered, got.reason) == (False, Reason.GAP)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("consumer", ["t1", "t3"])  # t1 re-reads its own pending entries, t3 claims them
+async def test_pending_entries_trimmed_under_the_archiver_are_acknowledged_and_counted(any_redis, keys, pg_url,
+                                                                                      consumer):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    log = EventLog(any_redis, keys)
+    key = keys.events("volume_wave")
+    ids = await log.append_events("volume_wave", price_changes(20))
+    epoch = await log.epoch("volume_wave")
+    # t1 read 0..9 and died; t2 archived 10..19; then a trim by hand removed 0..7 from under t1
+    await any_redis.xreadgroup("archiver", "t1", {key: ">"}, count=10)
+    await any_redis.xreadgroup("archiver", "t2", {key: ">"}, count=10)
+    await store.write("volume_wave", epoch, (await log.read_after("volume_wave", ids[9])))
+    await any_redis.xack(key, "archiver", *ids[10:])
+    await any_redis.xtrim(key, minid=ids[8], approximate=False)
+    try:
+        async def done():
+            return await _eq(pg_url, "volume_wave", ids[8:]) and (await any_redis.xpending(key, "archiver"))[
+                "pending"] == 0
+        archiver = await archive_until(any_redis, keys, store, done, "the rest archived, the trimmed acknowledged",
+                                       consumer=consumer, claim_idle_ms=100)
+        assert await store.gaps("volume_wave") == [Gap("volume_wave", epoch, ids[0], ids[7], 8, "trimmed")]
+        assert (archiver.stats.gaps, archiver.stats.lost, archiver.stats.rejected) == (1, 8, 0)
+    finally:
+        await pool.close()
+
+
+async def test_an_entry_deleted_before_it_was_archived_is_recorded_on_redis_7(redis, keys, pg_url):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    log = EventLog(redis, keys)
+    ids = await log.append_events("volume_wave", price_changes(20))
+    await redis.xdel(keys.events("volume_wave"), ids[12])
+    try:
+        await archive_until(redis, keys, store,
+                            lambda: _eq(pg_url, "volume_wave", ids[:12] + ids[13:]), "the rest archived")
+        epoch = await log.epoch("volume_wave")
+        assert await store.gaps("volume_wave") == [Gap("volume_wave", epoch, "0-1", ids[12], None, "deleted")]
+    finally:
+        await pool.close()
+
+
+class FlakyRedis:
+    """The archiver's client, whose `method` fails with a dropped connection the first `times` calls."""
+
+    def __init__(self, client, method, times=2):
+        self._client, self._method, self._left = client, method, times
+        self.failed = 0
+
+    def __getattr__(self, name):
+        real = getattr(self._client, name)
+        if name != self._method:
+            return real
+
+        async def flaky(*args, **kwargs):
+            if self._left:
+                self._left -= 1
+                self.failed += 1
+                raise rex.ConnectionError(f"injected: connection dropped in {name}")
+            return await real(*args, **kwargs)
+        return flaky
+
+
+@pytest.mark.parametrize("method", [
+    "smembers", "get", "hget", "xgroup_create", "xreadgroup", "xautoclaim", "xinfo_groups",
+    "xrange", "xinfo_stream",
+])
+async def test_a_dropped_redis_connection_anywhere_in_the_archiver_does_not_end_it(redis, keys, pg_url, method):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    log = EventLog(redis, keys)
+    ids = await log.append_events("volume_wave", price_changes(300))
+    flaky = FlakyRedis(redis, method)
+    archiver = Archiver(flaky, keys, ArchiveStore(pool), consumer="t1", refresh_s=0.05, batch=100, claim_idle_ms=50)
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(stop))
+    try:
+        await wait_for(lambda: _eq(pg_url, "volume_wave", ids), 20, "everything archived")
+        await wait_for(lambda: _true(flaky.failed == 2 or task.done()), 20, f"{method} to be called and fail")
+        ids += await log.append_events("volume_wave", price_changes(100, start=300))
+        await wait_for(lambda: _eq(pg_url, "volume_wave", ids), 20, "archiving goes on after the errors")
+        assert not task.done(), "the archiver ended"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await pool.close()
+
+
+async def _true(value):
+    return value

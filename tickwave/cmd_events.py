@@ -70,7 +70,8 @@ def archive() -> None:
             bar.close()
             await pool.close()
             await client.aclose()
-        log.info("archiver stopped", extra={"archived": stats.archived, "rejected": stats.rejected})
+        log.info("archiver stopped", extra={"archived": stats.archived, "rejected": stats.rejected,
+                                            "gaps": stats.gaps, "lost": stats.lost})
 
     run_until_signalled(main)
 

@@ -103,29 +103,46 @@ def start_archiver(redis_url, pg_url, keys, consumer, stderr=subprocess.DEVNULL)
                             stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-async def test_archiver_killed_at_random_moments_leaves_exactly_the_streams_events(redis, redis_url, keys, pg_url):
+async def holds_entries_it_read(client, key, consumer, started_ms):
+    """Whether `consumer` holds unacknowledged entries delivered to this run of it (a restarted
+    consumer of the same name finds its predecessor's pending entries: those do not count)."""
+    rows = await client.xpending_range(key, "archiver", min="-", max="+", count=10, consumername=consumer)
+    age_ms = time.time() * 1000 - started_ms
+    return any(r["time_since_delivered"] < age_ms - 50 for r in rows)
+
+
+async def test_archiver_killed_while_it_holds_unacknowledged_entries_leaves_exactly_the_streams_events(
+        redis, redis_url, keys, pg_url):
     await upgrade(pg_url)
     log = EventLog(redis, keys)
+    key = keys.events("volume_wave")
     await log.append_events("volume_wave", price_changes(1))  # register the strategy first
     rng = random.Random(7)
     total, written = 20_000, 1
-    proc = start_archiver(redis_url, pg_url, keys, "a-0")
-    kills = 0
+    consumer = "a-0"
+    proc, started_ms = start_archiver(redis_url, pg_url, keys, consumer), time.time() * 1000
+    kills = held_at_kill = 0
     try:
         while written < total:
-            # a burst, then a kill while the archiver is busy with it
+            # a burst, then a kill once the archiver holds entries of it unacknowledged
             for _ in range(4):
                 n = min(500, total - written)
                 if n:
                     await log.append_events("volume_wave", price_changes(n, start=written))
                     written += n
-            await asyncio.sleep(rng.uniform(0.02, 0.25))
+            await asyncio.sleep(rng.uniform(0.0, 0.1))
+            deadline = time.monotonic() + 20
+            while not await holds_entries_it_read(redis, key, consumer, started_ms):
+                assert time.monotonic() < deadline, f"{consumer} never held entries of the burst"
+                await asyncio.sleep(0.002)
             proc.send_signal(signal.SIGKILL)
             proc.wait(5)
             kills += 1
+            # checked again after death, when it can no longer acknowledge: the kill landed mid-batch
+            held_at_kill += await holds_entries_it_read(redis, key, consumer, started_ms)
             # alternate: the same consumer name (re-reads its own pending) or a new one (claims)
-            proc = start_archiver(redis_url, pg_url, keys, f"a-{kills % 2}-{kills if kills % 3 == 0 else 0}")
-            await asyncio.sleep(0.3)  # let it start and pick up some work before the next burst
+            consumer = f"a-{kills % 2}-{kills if kills % 3 == 0 else 0}"
+            proc, started_ms = start_archiver(redis_url, pg_url, keys, consumer), time.time() * 1000
         stream_ids = [s.id for s in await log.read_after("volume_wave", None)]
         assert len(stream_ids) == total
         await wait_for(lambda: _eq(pg_url, "volume_wave", stream_ids), 60, "archive equal to the stream")
@@ -135,7 +152,7 @@ async def test_archiver_killed_at_random_moments_leaves_exactly_the_streams_even
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-    assert kills >= 3, "the test should have killed the archiver several times"
+    assert kills >= 5 and held_at_kill == kills, "every kill should land while entries were unacknowledged"
     assert len(set(await archived_ids(pg_url))) == total
 
 

@@ -95,7 +95,15 @@ class Archiver:
             if epoch:
                 self._epochs[strategy] = epoch
             if key not in self._streams:
-                await groups.ensure_group(self.client, key, self.group, start_id="0")
+                try:
+                    # never the stream itself: a stream made here, empty, under the old epoch key
+                    # would keep that epoch when writers refill it (append_events makes the stream,
+                    # a new epoch and this group together)
+                    await groups.ensure_group(self.client, key, self.group, start_id="0", mkstream=False)
+                except NoGroup:
+                    raise
+                except CommandError:
+                    continue  # deleted; picked up when a writer makes it again
                 # before the first read: once entries past a hole are archived it no longer shows
                 await self._find_trimmed(strategy)
                 await self._find_deleted(key, strategy)

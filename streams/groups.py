@@ -12,11 +12,12 @@ from streams.errors import CommandError, GroupExists, translated
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-async def ensure_group(client: AnyRedis, key: str, group: str, start_id: str = "0") -> bool:
-    """Create `group` on `key` (and the stream if missing); True if it was created now."""
+async def ensure_group(client: AnyRedis, key: str, group: str, start_id: str = "0", *, mkstream: bool = True) -> bool:
+    """Create `group` on `key` (and the stream if missing, unless `mkstream` is False: then
+    CommandError); True if it was created now."""
     try:
         with translated(f"create group {group} on {key}"):
-            await client.xgroup_create(key, group, id=start_id, mkstream=True)
+            await client.xgroup_create(key, group, id=start_id, mkstream=mkstream)
         return True
     except GroupExists:
         return False

@@ -403,3 +403,36 @@ async def test_a_dropped_redis_connection_anywhere_in_the_archiver_does_not_end_
 
 async def _true(value):
     return value
+
+
+async def test_a_stream_recreated_under_the_archiver_is_archived_under_its_new_epoch(any_redis, keys, pg_url):
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    store = ArchiveStore(pool)
+    log = EventLog(any_redis, keys)
+    first = await log.append_events("volume_wave", price_changes(10))
+    old_epoch = await log.epoch("volume_wave")
+    archiver = Archiver(any_redis, keys, store, consumer="t1", refresh_s=0.1, batch=100)
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(stop))
+    try:
+        await wait_for(lambda: _eq(pg_url, "volume_wave", first), 20, "first epoch archived")
+        await any_redis.delete(keys.events("volume_wave"))
+        second = await log.append_events("volume_wave", price_changes(10))
+        new_epoch = await log.epoch("volume_wave")
+        assert new_epoch != old_epoch
+
+        async def both():
+            return (await store.read_after("volume_wave", new_epoch, None, limit=100),
+                    await store.read_after("volume_wave", old_epoch, None, limit=100))
+        await wait_for(lambda: _ids_are(both, second, first), 20, "second epoch archived under its own epoch")
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await pool.close()
+
+
+async def _ids_are(read, new, old):
+    got_new, got_old = await read()
+    return [e.id for e in got_new] == new and [e.id for e in got_old] == old

@@ -212,3 +212,17 @@ async def test_past_the_ceiling_by_age_the_loss_is_recorded_exactly(any_redis, k
     assert kept == ids[600:], "everything older than the retention is trimmed, exactly"
     (record,) = await capped.gap_records("volume_wave")
     assert (record.first_id, record.last_id, record.lost) == (ids[0], ids[599], 600)
+
+
+async def test_trimming_keeps_the_newest_acknowledged_entry_so_redis_and_the_archive_overlap(any_redis, keys):
+    # approximate trimming drops whole nodes; across 40 acknowledgement points some fall on a node's
+    # last entry, where dropping the seam would show
+    log = EventLog(any_redis, keys, retention_ms=1)
+    key = keys.events("volume_wave")
+    ids = await log.append_events("volume_wave", price_changes(40))
+    got = await any_redis.xreadgroup("archiver", "a", {key: ">"}, count=40)
+    for n, (eid, _) in enumerate(got[0][1]):
+        await any_redis.xack(key, "archiver", eid)
+        ids += await log.append_events("volume_wave", price_changes(1, start=40 + n))
+        kept = await kept_ids(any_redis, keys)
+        assert kept == ids[ids.index(kept[0]):] and ids.index(kept[0]) <= n, f"acknowledged up to {n}"

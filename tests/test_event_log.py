@@ -226,3 +226,18 @@ async def test_trimming_keeps_the_newest_acknowledged_entry_so_redis_and_the_arc
         ids += await log.append_events("volume_wave", price_changes(1, start=40 + n))
         kept = await kept_ids(any_redis, keys)
         assert kept == ids[ids.index(kept[0]):] and ids.index(kept[0]) <= n, f"acknowledged up to {n}"
+
+
+async def test_an_edge_nodes_group_does_not_hold_retention(any_redis, keys):
+    # a dead edge node's group, never read, must not keep memory: only the archive group holds
+    log = EventLog(any_redis, keys, maxlen=100)
+    key = keys.events("volume_wave")
+    ids = await log.append_events("volume_wave", price_changes(100))
+    await any_redis.xgroup_create(key, "edge:dead-node", id="0")
+    for start in range(100, 1000, 100):
+        ids += await log.append_events("volume_wave", price_changes(100, start=start))
+    got = await any_redis.xreadgroup("archiver", "a", {key: ">"}, count=1000)
+    await any_redis.xack(key, "archiver", *[eid for eid, _ in got[0][1]])
+    ids += await log.append_events("volume_wave", price_changes(100, start=1000))
+    kept = await kept_ids(any_redis, keys)
+    assert kept == ids[ids.index(kept[0]):] and len(kept) < 300, "trimmed to about MAXLEN"

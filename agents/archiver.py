@@ -1,7 +1,11 @@
 """The archiver: a consumer group on every strategy stream, copying events into PostgreSQL.
 
 Acknowledged only after the COPY commits, so a crash re-delivers instead of
-losing; the archive's ON CONFLICT makes the re-delivery harmless.
+losing; the archive's ON CONFLICT makes the re-delivery harmless. Event writers
+never trim what the group has not acknowledged (streams/append_events.lua) up to
+a memory ceiling; what they trim past it they record, and the archiver moves those
+records into `archive_gaps`. It also looks for gaps nobody recorded (entries
+removed by something else) and records them too, each logged and counted.
 """
 
 from __future__ import annotations
@@ -16,17 +20,18 @@ from prometheus_client import Counter, Gauge
 
 from streams import groups
 from streams.archive import ArchiveRow, ArchiveStore, row_from_entry
-from streams.codec import parse_id
+from streams.codec import id_after, id_before, parse_id
 from streams.connection import AnyRedis
 from streams.deadletter import dead_letter
 from streams.errors import (
     ArchiveUnavailable,
+    CommandError,
     CorruptEntry,
     NoGroup,
     StreamUnavailable,
     translated,
 )
-from streams.events import EventLog
+from streams.events import DEFAULT_ARCHIVE_GROUP, EventLog, Gap
 from streams.keys import Keys
 
 log = logging.getLogger("tickwave.archiver")
@@ -36,12 +41,20 @@ REJECTED = Counter("tickwave_archive_rejected_total", "Corrupt entries dead-lett
 LAG_ENTRIES = Gauge("tickwave_archive_lag_entries", "Events in Redis not yet archived", ["strategy"])
 LAG_EVERY_S = 5.0
 LAG_SECONDS = Gauge("tickwave_archive_lag_seconds", "Age of the newest event not yet archived", ["strategy"])
+GAPS = Counter("tickwave_archive_gaps_total", "Gaps recorded in the archive: events removed from Redis unarchived",
+               ["strategy", "reason"])
+LOST = Counter("tickwave_archive_lost_events_total",
+               "Events known to be missing from the archive (gaps of unknown size add nothing)", ["strategy"])
+
+Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 @dataclass
 class ArchiverStats:
     archived: int = 0
     rejected: int = 0
+    gaps: int = 0  # gaps this process recorded (new ones, not extensions)
+    lost: int = 0  # events those gaps count as lost
     per_strategy: dict[str, int] = field(default_factory=dict)
 
 
@@ -54,7 +67,7 @@ class Archiver:
         keys: Keys,
         store: ArchiveStore,
         *,
-        group: str = "archiver",
+        group: str = DEFAULT_ARCHIVE_GROUP,
         consumer: str = "archiver-1",
         batch: int = 2000,
         claim_idle_ms: int = 30_000,
@@ -78,21 +91,102 @@ class Archiver:
         self._last_refresh = time.monotonic()
         for strategy in await self.events.strategies():
             key = self.events.stream_key(strategy)
-            if key not in self._streams:
-                await groups.ensure_group(self.client, key, self.group, start_id="0")
-                self._streams[key] = strategy
-                log.info("archiving strategy", extra={"strategy": strategy, "group": self.group})
             epoch = await self.events.epoch(strategy)
             if epoch:
                 self._epochs[strategy] = epoch
+            if key not in self._streams:
+                try:
+                    # never the stream itself: a stream made here, empty, under the old epoch key
+                    # would keep that epoch when writers refill it (append_events makes the stream,
+                    # a new epoch and this group together)
+                    await groups.ensure_group(self.client, key, self.group, start_id="0", mkstream=False)
+                except NoGroup:
+                    raise
+                except CommandError:
+                    continue  # deleted; picked up when a writer makes it again
+                # before the first read: once entries past a hole are archived it no longer shows
+                await self._find_trimmed(strategy)
+                await self._find_deleted(key, strategy)
+                self._streams[key] = strategy
+                log.info("archiving strategy", extra={"strategy": strategy, "group": self.group})
 
-    async def _rows(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[ArchiveRow], list[bytes]]:
+    async def _record(self, gap: Gap) -> None:
+        """Write a gap into the archive; log and count it when it is new or grew."""
+        new, lost = await self.store.record_gap(gap)
+        if not new and not lost:
+            return
+        if new:
+            GAPS.labels(gap.strategy, gap.reason).inc()
+            self.stats.gaps += 1
+        LOST.labels(gap.strategy).inc(lost)
+        self.stats.lost += lost
+        log.error("events missing from the archive" if new else "gap in the archive grew", extra={
+            "strategy": gap.strategy, "epoch": gap.epoch, "first": gap.first_id, "last": gap.last_id,
+            "lost": "unknown" if gap.lost is None else lost, "reason": gap.reason})
+
+    async def _move_gap_records(self) -> None:
+        """Move the writers' gap records into the archive (then delete them from Redis)."""
+        for strategy in list(self._streams.values()):
+            records = await self.events.gap_records(strategy)
+            for gap in records:
+                await self._record(gap)
+            await self.events.drop_gap_records(strategy, [g.record_id for g in records if g.record_id])
+
+    async def _known_gap(self, strategy: str, epoch: str, first: str, last: str) -> bool:
+        after = id_before(first)
+        return (await self.events.has_gap(strategy, epoch, after, last)
+                or await self.store.has_gap(strategy, epoch, after, last))
+
+    async def _find_trimmed(self, strategy: str) -> None:
+        """Record events trimmed before they were archived that no writer recorded.
+
+        Writers trim only what the group acknowledged and keep one archived entry, so the
+        archive always reaches Redis's oldest entry; when it does not although Redis trimmed,
+        something else removed unarchived entries (a group made after trimming, a trim by hand,
+        a writer without a group). How many is unknown."""
+        epoch = self._epochs.get(strategy)
+        first_kept = await self.events.first_id(strategy)  # before the archive's end: see below
+        origin = await self.events.origin_id(strategy)
+        if not epoch or first_kept is None or origin is None or first_kept == origin:
+            return
+        # read after first_kept: entries archived since only move the end further
+        last = await self.store.last_id(strategy, epoch)
+        if last is not None and parse_id(last) >= parse_id(first_kept):
+            return
+        first, until = id_after(last) if last else origin, id_before(first_kept)
+        if not await self._known_gap(strategy, epoch, first, until):
+            await self._record(Gap(strategy, epoch, first, until, None, "trimmed"))
+
+    async def _find_deleted(self, key: str, strategy: str) -> None:
+        """Redis 7 names the newest entry deleted by XDEL: one newer than the archive's end was
+        never archived (trims do not move it: _find_trimmed covers those)."""
+        epoch = self._epochs.get(strategy)
+        with translated(f"stream info of {key}"):
+            info = await self.client.xinfo_stream(key)
+        deleted = info.get("max-deleted-entry-id")
+        deleted = deleted.decode() if isinstance(deleted, bytes) else deleted
+        if not epoch or not deleted or deleted == "0-0":
+            return
+        last = await self.store.last_id(strategy, epoch)
+        if last is not None and parse_id(last) >= parse_id(deleted):
+            return
+        first = id_after(last) if last else "0-1"
+        if not await self._known_gap(strategy, epoch, first, deleted):
+            await self._record(Gap(strategy, epoch, first, deleted, None, "deleted"))
+
+    async def _rows(self, key: str, entries: list[Entry]) -> tuple[list[ArchiveRow], list[bytes]]:
         strategy = self._streams[key]
-        epoch = self._epochs.get(strategy) or await self.events.epoch(strategy) or "unknown"
+        # read per batch: a stream deleted and recreated starts a new epoch with its group
+        epoch = await self.events.epoch(strategy) or self._epochs.get(strategy) or "unknown"
+        self._epochs[strategy] = epoch
         rows: list[ArchiveRow] = []
         ids: list[bytes] = []
+        gone: list[str] = []
         for eid, fields in entries:
             ids.append(eid)
+            if not fields:  # delivered, then trimmed before it was archived
+                gone.append(eid.decode())
+                continue
             try:
                 rows.append(row_from_entry(strategy, epoch, eid.decode(), fields))
             except CorruptEntry as exc:
@@ -102,9 +196,11 @@ class Archiver:
                 REJECTED.labels(strategy).inc()
                 self.stats.rejected += 1
                 log.warning("corrupt event dead-lettered", extra={"strategy": strategy, "id": eid.decode(), "reason": reason})
+        if gone and not await self._known_gap(strategy, epoch, gone[0], gone[-1]):
+            await self._record(Gap(strategy, epoch, gone[0], gone[-1], len(gone), "trimmed"))
         return rows, ids
 
-    async def _archive(self, batches: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]) -> int:
+    async def _archive(self, batches: list[tuple[str, list[Entry]]]) -> int:
         rows: list[ArchiveRow] = []
         acks: list[tuple[str, bytes]] = []
         for key, entries in batches:
@@ -142,11 +238,20 @@ class Archiver:
                 await self._archive([(key, claimed)])
 
     async def _update_lag(self) -> None:
-        """Lag in entries (undelivered + pending) and seconds (age of the oldest unarchived event)."""
+        """Lag in entries (undelivered + pending) and seconds (age of the oldest unarchived event);
+        gap records moved, and gaps nobody recorded looked for, at the same pace."""
         now_ms = time.time() * 1000
-        for key, strategy in self._streams.items():
-            with translated(f"archive lag of {key}"):
-                await self._update_lag_of(key, strategy, now_ms)
+        await self._move_gap_records()
+        for key, strategy in list(self._streams.items()):
+            try:
+                with translated(f"archive lag of {key}"):
+                    await self._update_lag_of(key, strategy, now_ms)
+                await self._find_trimmed(strategy)
+                await self._find_deleted(key, strategy)
+            except NoGroup:
+                raise
+            except CommandError as exc:  # the stream is gone for now; the next read finds out
+                log.info("stream not readable", extra={"stream": key, "error": str(exc)})
 
     async def _update_lag_of(self, key: str, strategy: str, now_ms: float) -> None:
         """One stream's lag gauges."""
@@ -181,6 +286,7 @@ class Archiver:
             try:
                 await self._refresh(force=not recovered)
                 if not recovered:
+                    await self._move_gap_records()
                     await self._recover_pending()
                     recovered = True
                 if time.monotonic() - last_claim > self.claim_idle_ms / 1000:

@@ -26,9 +26,8 @@ class IngestSettings(TushareSettings):
 
 
 class ArchiverSettings(CommonSettings):
-    """`tickwave archive`: copies every strategy stream into PostgreSQL."""
+    """`tickwave archive`: copies every strategy stream into PostgreSQL (its group: `archive_group`)."""
 
-    archive_group: str = Field("archiver", description="consumer group name on every strategy stream")
     archive_consumer: str = Field(
         default_factory=socket.gethostname,
         description="consumer name; stable across restarts so a restarted archiver re-reads its own pending",
@@ -42,8 +41,14 @@ class ArchiverSettings(CommonSettings):
 class EventsSettings(CommonSettings):
     """Event stream writers (`tickwave events generate`, the join agent)."""
 
-    event_retention_ms: int = Field(24 * 3600 * 1000, ge=1000, description="events kept in Redis (MINID ~)")
+    event_retention_ms: int = Field(
+        24 * 3600 * 1000, ge=1000,
+        description="events kept in Redis (MINID ~); never trims what the archive group has not acknowledged")
     event_maxlen: int | None = Field(None, ge=100, description="if set, keep about this many events instead")
+    event_hold_max_bytes: int = Field(
+        1 << 30, ge=0,
+        description="ceiling of a stream's memory while the archive group holds its retention back; past it "
+                    "trimming proceeds and the events lost are counted and recorded as a gap (0 = no ceiling)")
 
 
 class WorkerSettings(EventsSettings):

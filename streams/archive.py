@@ -1,4 +1,5 @@
-"""The PostgreSQL event archive: idempotent COPY writes and ordered reads by event id."""
+"""The PostgreSQL event archive: idempotent COPY writes and ordered reads by event id, and
+the gaps (events removed from Redis before they were archived) history must not paper over."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import orjson
 
 from streams.codec import StoredEvent, event_fields, event_parts, parse_id
 from streams.errors import CorruptEntry, pg_translated
+from streams.events import Gap
 
 _COLUMNS = ("strategy", "epoch", "ms", "seq", "ts_code", "kind", "schema_version", "event")
+_LOW, _HIGH = (-1, -1), (2**62, 2**62)
 
 
 class ArchiveRow(NamedTuple):
@@ -128,3 +131,61 @@ class ArchiveStore:
                 return int(await self.pool.fetchval("SELECT count(*) FROM event_archive WHERE strategy = $1", strategy))
             return int(await self.pool.fetchval(
                 "SELECT count(*) FROM event_archive WHERE strategy = $1 AND epoch = $2", strategy, epoch))
+
+    async def record_gap(self, gap: Gap) -> tuple[bool, int]:
+        """Store a gap, or extend the one starting at the same id; returns (new, events newly counted).
+
+        A gap's count is what Redis removed unacknowledged, less what reached the archive anyway
+        (an archiver's batch in flight when the trim ran): one archiver applies gaps between its
+        batches, so by then its in-flight batch is committed.
+        """
+        first, last = parse_id(gap.first_id), parse_id(gap.last_id)
+        with pg_translated("archive gap"):
+            async with self.pool.acquire() as conn, conn.transaction():
+                # archivers sharing the group may apply the same record at once: one at a time
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tickwave.archive_gaps.' || $1 "
+                                   "|| current_schema()))", gap.strategy)
+                lost = gap.lost
+                if lost is not None:
+                    archived = await conn.fetchval(
+                        "SELECT count(*) FROM event_archive WHERE strategy = $1 AND epoch = $2 "
+                        "AND (ms, seq) >= ($3, $4) AND (ms, seq) <= ($5, $6)",
+                        gap.strategy, gap.epoch, *first, *last)
+                    lost = max(0, lost - int(archived))
+                old = await conn.fetchrow(
+                    "SELECT last_ms, last_seq, lost FROM archive_gaps "
+                    "WHERE strategy = $1 AND epoch = $2 AND first_ms = $3 AND first_seq = $4",
+                    gap.strategy, gap.epoch, *first)
+                if old is None:
+                    await conn.execute(
+                        "INSERT INTO archive_gaps (strategy, epoch, first_ms, first_seq, last_ms, last_seq, lost, "
+                        "reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        gap.strategy, gap.epoch, *first, *last, lost, gap.reason)
+                    return True, lost or 0
+                old_last, old_lost = (old["last_ms"], old["last_seq"]), old["lost"]
+                if last <= old_last and (lost is None or (old_lost is not None and lost <= old_lost)):
+                    return False, 0  # applied before (a record moved twice)
+                new_lost = None if lost is None or old_lost is None else max(lost, old_lost)
+                await conn.execute(
+                    "UPDATE archive_gaps SET last_ms = $5, last_seq = $6, lost = $7, detected_at = now() "
+                    "WHERE strategy = $1 AND epoch = $2 AND first_ms = $3 AND first_seq = $4",
+                    gap.strategy, gap.epoch, *first, *max(last, old_last), new_lost)
+                return False, (new_lost - old_lost) if new_lost is not None and old_lost is not None else 0
+
+    async def has_gap(self, strategy: str, epoch: str, after_id: str | None, until_id: str | None) -> bool:
+        """Whether a recorded gap of the epoch touches (after_id, until_id]."""
+        low = parse_id(after_id) if after_id else _LOW
+        high = parse_id(until_id) if until_id else _HIGH
+        with pg_translated("archive read"):
+            return bool(await self.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM archive_gaps WHERE strategy = $1 AND epoch = $2 "
+                "AND (last_ms, last_seq) > ($3, $4) AND (first_ms, first_seq) <= ($5, $6))",
+                strategy, epoch, *low, *high))
+
+    async def gaps(self, strategy: str) -> list[Gap]:
+        """Every recorded gap of a strategy, oldest first (tools and tests)."""
+        with pg_translated("archive read"):
+            rows = await self.pool.fetch(
+                "SELECT * FROM archive_gaps WHERE strategy = $1 ORDER BY epoch, first_ms, first_seq", strategy)
+        return [Gap(strategy, r["epoch"], f"{r['first_ms']}-{r['first_seq']}", f"{r['last_ms']}-{r['last_seq']}",
+                    r["lost"], r["reason"]) for r in rows]

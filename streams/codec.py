@@ -293,3 +293,18 @@ def parse_id(event_id: str) -> tuple[int, int]:
     if not sep or not ms.isdigit() or not seq.isdigit():
         raise ValueError(f"not a stream id: {event_id!r}")
     return int(ms), int(seq)
+
+
+MAX_SEQ = 2**63 - 1  # the largest sequence PostgreSQL's bigint holds; real ids stay far below
+
+
+def id_after(event_id: str) -> str:
+    """The smallest id greater than `event_id`."""
+    ms, seq = parse_id(event_id)
+    return f"{ms}-{seq + 1}"
+
+
+def id_before(event_id: str) -> str:
+    """The greatest id smaller than `event_id` (a bound, not necessarily an entry's id)."""
+    ms, seq = parse_id(event_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{MAX_SEQ}"

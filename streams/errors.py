@@ -83,8 +83,9 @@ def translate(exc: BaseException, action: str) -> BaseException:
         text = str(exc)
         if text.startswith(_UNAVAILABLE_REPLIES):
             return StreamUnavailable(f"{action}: {exc}")
-        if text.startswith(("NOGROUP", "UNBLOCKED the stream key no longer exists")):
-            # the second: Redis 7 ends a blocked XREADGROUP whose stream was deleted
+        # Redis 7 ends a blocked XREADGROUP with UNBLOCKED when its stream is deleted: the
+        # group went with it, as NOGROUP says on the next read
+        if text.startswith("NOGROUP") or (text.startswith("UNBLOCKED") and "no longer exists" in text):
             return NoGroup(f"{action}: {exc}")
         if text.startswith("BUSYGROUP"):
             return GroupExists(f"{action}: {exc}")

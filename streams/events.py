@@ -3,15 +3,22 @@
 `EventLog.append_events` is the only way anything writes an event: one Lua
 script per call (streams/append_events.lua) skips events whose tick position
 is not newer than the last one recorded, appends the rest with Redis time ids
-(the public event ids), keeps the snapshot hash and the epoch, and trims.
+(the public event ids), keeps the snapshot hash and the epoch, and trims
+without removing what the archive group has not acknowledged (up to a memory
+ceiling, past which the loss is recorded as a gap in the same script).
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
+
+from prometheus_client import Counter, Gauge
 
 from schemas.events import PriceChange
 from streams.codec import (
@@ -37,6 +44,44 @@ def _text(value: bytes | str) -> str:
 
 _APPEND_LUA = files("streams").joinpath("append_events.lua").read_text()
 DEFAULT_RETENTION_MS = 24 * 3600 * 1000
+DEFAULT_ARCHIVE_GROUP = "archiver"
+DEFAULT_HOLD_MAX_BYTES = 1 << 30
+
+log = logging.getLogger("tickwave.events")
+LOSS_LOG_S = 10.0
+
+HELD_BYTES = Gauge(
+    "tickwave_events_retention_held_bytes",
+    "Memory of a strategy stream whose trimming the archive group holds back, at the last append (0: not held)",
+    ["strategy"],
+)
+HOLD_CEILING = Gauge(
+    "tickwave_events_retention_hold_ceiling_bytes",
+    "TICKWAVE_EVENT_HOLD_MAX_BYTES of this writer (0: no ceiling, or no archive group holds)",
+)
+TRIMMED_UNARCHIVED = Counter(
+    "tickwave_events_trimmed_unarchived_total",
+    "Events trimmed past the hold ceiling before the archive group acknowledged them (recorded as a gap)",
+    ["strategy"],
+)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events of one epoch, ids first_id..last_id, that never reached the archive."""
+
+    strategy: str
+    epoch: str
+    first_id: str
+    last_id: str
+    lost: int | None  # None: how many is not known
+    reason: str  # 'ceiling': trimmed past the hold ceiling; 'trimmed', 'deleted': found by the archiver
+    record_id: str | None = None  # the gap record in Redis it came from, if any
+
+    def touches(self, after_id: str | None, until_id: str | None) -> bool:
+        """Whether any id in (after_id, until_id] lies inside the gap."""
+        return (after_id is None or parse_id(self.last_id) > parse_id(after_id)) and (
+            until_id is None or parse_id(self.first_id) <= parse_id(until_id))
 
 
 Position = tuple[str, int]
@@ -64,9 +109,14 @@ class EventLog:
         *,
         retention_ms: int | None = DEFAULT_RETENTION_MS,
         maxlen: int | None = None,
+        archive_group: str | None = DEFAULT_ARCHIVE_GROUP,
+        hold_max_bytes: int = DEFAULT_HOLD_MAX_BYTES,
     ):
+        """`archive_group` holds retention: trimming never removes what it has not acknowledged
+        until the stream's memory passes `hold_max_bytes` (0: no ceiling). None: nothing holds."""
         self.client = client
         self.keys = keys
+        self._group, self._ceiling = archive_group or "", max(0, hold_max_bytes)
         if maxlen:
             self._retention: tuple[str, int] = ("maxlen", maxlen)
         elif retention_ms:
@@ -75,13 +125,16 @@ class EventLog:
             self._retention = ("", 0)
         self._script = client.register_script(_APPEND_LUA)
         self._registered: set[str] = set()
+        self._unlogged: dict[str, int] = {}
+        self._loss_logged: dict[str, float] = {}
 
     def stream_key(self, strategy: str) -> str:
         return self.keys.events(strategy)
 
     def _keys_for(self, strategy: str) -> list[str]:
         k = self.keys
-        return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy)]
+        return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy),
+                k.gaps(strategy)]
 
     async def append_events(
         self, strategy: str, events: Sequence[Event], *, sources: Sequence[Position | None] | None = None,
@@ -99,7 +152,7 @@ class EventLog:
         if sources is not None and len(sources) != len(events):
             raise ValueError("sources must have one entry per event")
         fresh_epoch = secrets.token_hex(8)
-        args: list[Any] = [*self._retention, fresh_epoch, CODEC_VERSION]
+        args: list[Any] = [*self._retention, fresh_epoch, CODEC_VERSION, self._group, self._ceiling]
         for i, event in enumerate(events):
             if isinstance(event, PriceChange) and event.strategy != strategy:
                 raise ValueError(f"event for {event.strategy!r} appended to {strategy!r}")
@@ -114,7 +167,43 @@ class EventLog:
                 # when the stream is new (a Redis that lost its data lost the set too)
                 await self.client.sadd(self.keys.strategies(), strategy)
                 self._registered.add(strategy)
-        return [_text(i) for i in reply[1:] if i is not None]
+        held, lost = int(reply[1]), int(reply[2])
+        HELD_BYTES.labels(strategy).set(held)
+        HOLD_CEILING.set(self._ceiling if self._group else 0)
+        if lost:
+            TRIMMED_UNARCHIVED.labels(strategy).inc(lost)
+            self._log_loss(strategy, lost, held)
+        return [_text(i) for i in reply[3:] if i is not None]
+
+    def _log_loss(self, strategy: str, lost: int, held: int) -> None:
+        # past the ceiling every append trims again: one line per strategy every LOSS_LOG_S
+        self._unlogged[strategy] = self._unlogged.get(strategy, 0) + lost
+        now = time.monotonic()
+        if now - self._loss_logged.get(strategy, -LOSS_LOG_S) >= LOSS_LOG_S:
+            log.error("events trimmed before they were archived: the hold ceiling was passed",
+                      extra={"strategy": strategy, "lost": self._unlogged.pop(strategy),
+                             "stream_bytes": held, "ceiling_bytes": self._ceiling})
+            self._loss_logged[strategy] = now
+
+    async def gap_records(self, strategy: str) -> list[Gap]:
+        """The gaps the append script recorded and no archiver has moved to the archive yet."""
+        with translated(f"read gap records of {strategy}"):
+            raw = cast(list[RawEntry], await self.client.xrange(self.keys.gaps(strategy)))
+        out = []
+        for rid, fields in raw:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            out.append(Gap(strategy, f["epoch"], f["first"], f["last"], int(f["lost"]), "ceiling", _text(rid)))
+        return out
+
+    async def drop_gap_records(self, strategy: str, record_ids: Sequence[str]) -> None:
+        """Delete gap records once the archive holds them."""
+        if record_ids:
+            with translated(f"drop gap records of {strategy}"):
+                await self.client.xdel(self.keys.gaps(strategy), *record_ids)
+
+    async def has_gap(self, strategy: str, epoch: str, after_id: str | None, until_id: str | None) -> bool:
+        """Whether a gap record of `epoch` touches (after_id, until_id]."""
+        return any(g.epoch == epoch and g.touches(after_id, until_id) for g in await self.gap_records(strategy))
 
     async def read_after(
         self,
@@ -192,4 +281,4 @@ class EventLog:
             await self.client.ping()
 
 
-__all__ = ["EventLog", "RawEntry", "StoredEvent", "decode", "lazy", "parse_id"]
+__all__ = ["EventLog", "Gap", "RawEntry", "StoredEvent", "decode", "lazy", "parse_id"]

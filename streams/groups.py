@@ -12,11 +12,12 @@ from streams.errors import CommandError, GroupExists, translate, translated
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-async def ensure_group(client: AnyRedis, key: str, group: str, start_id: str = "0") -> bool:
-    """Create `group` on `key` (and the stream if missing); True if it was created now."""
+async def ensure_group(client: AnyRedis, key: str, group: str, start_id: str = "0", *, mkstream: bool = True) -> bool:
+    """Create `group` on `key` (and the stream if missing, unless `mkstream` is False: then
+    CommandError); True if it was created now."""
     try:
         with translated(f"create group {group} on {key}"):
-            await client.xgroup_create(key, group, id=start_id, mkstream=True)
+            await client.xgroup_create(key, group, id=start_id, mkstream=mkstream)
         return True
     except GroupExists:
         return False
@@ -31,7 +32,10 @@ async def read_group(
     count: int = 500,
     block_ms: int | None = None,
 ) -> list[tuple[str, list[Entry]]]:
-    """XREADGROUP over several streams; `">"` for new entries, `"0"` for this consumer's pending."""
+    """XREADGROUP over several streams; `">"` for new entries, `"0"` for this consumer's pending.
+
+    A pending entry that was deleted (trimmed) since it was delivered comes back with empty
+    fields: acknowledge it, there is nothing left to read."""
     with translated(f"read group {group}"):
         reply = await client.xreadgroup(
             group, consumer, cast(Any, dict(streams)), count=count, block=block_ms
@@ -39,8 +43,8 @@ async def read_group(
     out: list[tuple[str, list[Entry]]] = []
     for key, entries in cast(list[tuple[Any, list[Any]]], reply or []):
         name = key.decode() if isinstance(key, bytes) else key
-        # a pending entry deleted by trimming comes back with no fields
-        out.append((name, [(eid, fields) for eid, fields in entries if fields is not None]))
+        # a pending entry deleted by trimming comes back with no fields (nil, or {} from redis-py)
+        out.append((name, [(eid, fields or {}) for eid, fields in entries]))
     return out
 
 
@@ -66,7 +70,11 @@ async def claim_idle(
     min_idle_ms: int,
     count: int = 500,
 ) -> list[Entry]:
-    """Take over entries pending longer than `min_idle_ms` (a dead consumer's), oldest first."""
+    """Take over entries pending longer than `min_idle_ms` (a dead consumer's), oldest first.
+
+    Entries deleted since they were delivered come back with empty fields where Redis names
+    them (7.0 lists them, and drops them from the pending list); 6.2 gives no id, moves them
+    to `consumer`, and its next read of its own pending returns them with empty fields."""
     claimed: list[Entry] = []
     cursor: bytes | str = "0-0"
     with translated(f"claim idle on {key}"):
@@ -75,7 +83,8 @@ async def claim_idle(
                 key, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count - len(claimed)
             )
             cursor, entries = reply[0], reply[1]
-            claimed.extend((eid, fields) for eid, fields in entries if fields)
+            claimed.extend((eid, fields) for eid, fields in entries if eid is not None)
+            claimed.extend((eid, {}) for eid in (reply[2] if len(reply) > 2 else []))
             if cursor in (b"0-0", "0-0") or not entries:
                 break
     return claimed

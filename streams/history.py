@@ -1,7 +1,8 @@
 """History of a strategy after a given (epoch, id): the read model over the event log.
 The archive serves what Redis no longer holds, Redis the rest, as one ordered sequence
-with no gap and no duplicate. The archive is anything with `Archive`'s two reads
-(streams.archive.ArchiveStore on PostgreSQL)."""
+with no gap and no duplicate. The archive is anything with `Archive`'s three reads
+(streams.archive.ArchiveStore on PostgreSQL). A range that touches a recorded gap (events
+trimmed before they were archived) is answered `covered: false, reason: gap`."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from streams.events import EventLog
 
 
 class Archive(Protocol):
-    """What history needs of the cold tier: ordered reads by event id within an epoch."""
+    """What history needs of the cold tier: ordered reads by event id within an epoch, and
+    whether a recorded gap touches a range."""
 
     async def last_id(self, strategy: str, epoch: str) -> str | None: ...
+
+    async def has_gap(self, strategy: str, epoch: str, after_id: str | None, until_id: str | None) -> bool: ...
 
     async def read_after(
         self, strategy: str, epoch: str, after_id: str | None, *,
@@ -95,6 +99,11 @@ async def _history_once(
         # holds every event before it: that overlap is the proof there is no hole
         archived_last = await store.last_id(strategy, current)
         if archived_last is None or _after(first_kept, archived_last):
+            return History([], False, Reason.GAP, current)
+        # the gap records Redis still holds first, then the archive's: an archiver moves a
+        # record into the archive before it deletes it from Redis, so one of the two has it
+        if (await log.has_gap(strategy, current, after_id, until_id)
+                or await store.has_gap(strategy, current, after_id, until_id)):
             return History([], False, Reason.GAP, current)
         # only what Redis no longer has; Redis serves the rest (no duplicate at the seam)
         events = await store.read_after(

@@ -77,6 +77,10 @@ class Keys:
         """Hash tick-partition -> highest tick offset already turned into an event."""
         return f"{self.prefix}pos:{{{check_name(strategy, 'strategy')}}}"
 
+    def gaps(self, strategy: str) -> str:
+        """Stream of gap records: events trimmed past the hold ceiling before they were archived."""
+        return f"{self.prefix}gaps:{{{check_name(strategy, 'strategy')}}}"
+
     def strategies(self) -> str:
         return f"{self.prefix}strategies"
 

@@ -35,6 +35,11 @@ class CommonSettings(BaseSettings):
         description="postgresql:// URL; unset: `tickwave run` starts one",
     )
     key_prefix: str = Field("tw:", description="prefix of every Redis key; isolates deployments")
+    archive_group: str = Field(
+        "archiver",
+        description="the archiver's consumer group on every strategy stream; event writers keep retention "
+                    "from trimming what it has not acknowledged ('' = no archive: nothing holds retention)",
+    )
     tick_partitions: int = Field(8, ge=1, le=1024, description="partitions of the ticks topic")
     universe_file: Path | None = Field(
         None,
@@ -70,6 +75,13 @@ class CommonSettings(BaseSettings):
         if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @field_validator("archive_group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if any(c.isspace() for c in value) or len(value) > 100:
+            raise ValueError("must be at most 100 characters without spaces ('' for none)")
+        return value
 
     @field_validator("key_prefix")
     @classmethod

@@ -1,8 +1,11 @@
-"""The per-strategy event streams: exactly-once append, snapshot, epoch, reads (Redis 7 and 6.2)."""
+"""The per-strategy event streams: exactly-once append, snapshot, epoch, reads, and retention
+that never outruns the archive group (Redis 7 and 6.2)."""
+
+import asyncio
 
 import pytest
 
-from streams.events import EventLog, parse_id
+from streams.events import HELD_BYTES, TRIMMED_UNARCHIVED, EventLog, parse_id
 from tests.factories import price_change, price_changes, signal_change
 
 
@@ -117,7 +120,7 @@ async def test_a_strategy_is_registered_again_when_redis_lost_its_keys(log, any_
 
 
 async def test_retention_by_length_trims_old_events(any_redis, keys):
-    log = EventLog(any_redis, keys, maxlen=100)
+    log = EventLog(any_redis, keys, maxlen=100, archive_group=None)
     for start in range(0, 1000, 100):
         await log.append_events("volume_wave", price_changes(100, start=start))
     kept = await any_redis.xlen(keys.events("volume_wave"))
@@ -128,3 +131,129 @@ async def test_retention_by_length_trims_old_events(any_redis, keys):
 async def test_an_event_for_another_strategy_is_refused(log):
     with pytest.raises(ValueError):
         await log.append_events("volume_wave", [price_change("breakout")])
+
+
+# --- retention never outruns the archive group ------------------------------------------------
+
+async def kept_ids(client, keys, strategy="volume_wave"):
+    return [eid.decode() for eid, _ in await client.xrange(keys.events(strategy))]
+
+
+async def test_a_new_stream_starts_with_its_archive_group_which_holds_from_the_first_event(any_redis, keys):
+    await EventLog(any_redis, keys).append_events("volume_wave", price_changes(1))
+    await EventLog(any_redis, keys, archive_group=None).append_events("breakout", price_changes(1, "breakout"))
+    assert [g["name"] for g in await any_redis.xinfo_groups(keys.events("volume_wave"))] == [b"archiver"]
+    assert await any_redis.xinfo_groups(keys.events("breakout")) == []
+
+
+async def test_retention_by_age_keeps_what_the_archive_group_has_not_acknowledged(any_redis, keys):
+    log = EventLog(any_redis, keys, retention_ms=300)
+    ids = []
+    for start in range(0, 1000, 100):
+        ids += await log.append_events("volume_wave", price_changes(100, start=start))
+        await asyncio.sleep(0.06)
+    assert await kept_ids(any_redis, keys) == ids, "nothing acknowledged: nothing may be trimmed"
+    # the group reads 600 and acknowledges 500: trimming may now reach the 500th, and no further
+    got = await any_redis.xreadgroup("archiver", "a", {keys.events("volume_wave"): ">"}, count=600)
+    await any_redis.xack(keys.events("volume_wave"), "archiver", *[eid for eid, _ in got[0][1][:500]])
+    await asyncio.sleep(0.35)
+    ids += await log.append_events("volume_wave", price_changes(100, start=1000))
+    kept = await kept_ids(any_redis, keys)
+    assert kept == ids[ids.index(kept[0]):], "what is kept is the newest part, without holes"
+    assert 0 < ids.index(kept[0]) <= 499, "trimmed, but kept the last acknowledged (archived) event and all after"
+
+
+async def test_retention_by_length_keeps_what_the_archive_group_has_not_acknowledged(any_redis, keys):
+    log = EventLog(any_redis, keys, maxlen=100)
+    ids = []
+    for start in range(0, 1000, 100):
+        ids += await log.append_events("volume_wave", price_changes(100, start=start))
+    assert await kept_ids(any_redis, keys) == ids
+    got = await any_redis.xreadgroup("archiver", "a", {keys.events("volume_wave"): ">"}, count=1000)
+    await any_redis.xack(keys.events("volume_wave"), "archiver", *[eid for eid, _ in got[0][1][:700]])
+    ids += await log.append_events("volume_wave", price_changes(100, start=1000))
+    kept = await kept_ids(any_redis, keys)
+    assert kept == ids[ids.index(kept[0]):]
+    assert 0 < ids.index(kept[0]) <= 699
+
+
+async def test_a_held_stream_reports_its_memory_and_an_unheld_one_zero(any_redis, keys):
+    held = EventLog(any_redis, keys, maxlen=100)
+    for start in range(0, 300, 100):
+        await held.append_events("volume_wave", price_changes(100, start=start))
+    assert HELD_BYTES.labels("volume_wave")._value.get() == await any_redis.memory_usage(
+        keys.events("volume_wave"), samples=5)
+    free = EventLog(any_redis, keys, maxlen=100, archive_group=None)
+    for start in range(0, 300, 100):
+        await free.append_events("breakout", price_changes(100, "breakout", start=start))
+    assert HELD_BYTES.labels("breakout")._value.get() == 0
+
+
+async def test_past_the_ceiling_trimming_proceeds_and_the_loss_is_recorded_exactly(any_redis, keys):
+    ids = []
+    held = EventLog(any_redis, keys, maxlen=100)
+    for start in range(0, 1000, 100):
+        ids += await held.append_events("volume_wave", price_changes(100, start=start))
+    size = await any_redis.memory_usage(keys.events("volume_wave"), samples=5)
+    before = TRIMMED_UNARCHIVED.labels("volume_wave")._value.get()
+    capped = EventLog(any_redis, keys, maxlen=100, hold_max_bytes=size // 2)
+    ids += await capped.append_events("volume_wave", price_changes(100, start=1000))
+    assert await kept_ids(any_redis, keys) == ids[1000:], "exactly MAXLEN kept past the ceiling"
+    (record,) = await capped.gap_records("volume_wave")
+    epoch = await capped.epoch("volume_wave")
+    assert (record.epoch, record.first_id, record.last_id, record.lost) == (epoch, ids[0], ids[999], 1000)
+    assert TRIMMED_UNARCHIVED.labels("volume_wave")._value.get() - before == 1000
+    # under the ceiling again (100 kept): held; past it, the next trim continues the same range,
+    # so the record is extended rather than a second one added
+    ids += await capped.append_events("volume_wave", price_changes(100, start=1100))
+    assert await kept_ids(any_redis, keys) == ids[1000:]
+    tiny = EventLog(any_redis, keys, maxlen=100, hold_max_bytes=1)
+    ids += await tiny.append_events("volume_wave", price_changes(100, start=1200))
+    assert await kept_ids(any_redis, keys) == ids[1200:]
+    (record,) = await capped.gap_records("volume_wave")
+    assert (record.first_id, record.last_id, record.lost) == (ids[0], ids[1199], 1200)
+    assert TRIMMED_UNARCHIVED.labels("volume_wave")._value.get() - before == 1200
+
+
+async def test_past_the_ceiling_by_age_the_loss_is_recorded_exactly(any_redis, keys):
+    ids = []
+    held = EventLog(any_redis, keys, retention_ms=400)
+    for start in range(0, 600, 100):
+        ids += await held.append_events("volume_wave", price_changes(100, start=start))
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.45)
+    capped = EventLog(any_redis, keys, retention_ms=400, hold_max_bytes=1)
+    ids += await capped.append_events("volume_wave", price_changes(100, start=600))
+    kept = await kept_ids(any_redis, keys)
+    assert kept == ids[600:], "everything older than the retention is trimmed, exactly"
+    (record,) = await capped.gap_records("volume_wave")
+    assert (record.first_id, record.last_id, record.lost) == (ids[0], ids[599], 600)
+
+
+async def test_trimming_keeps_the_newest_acknowledged_entry_so_redis_and_the_archive_overlap(any_redis, keys):
+    # approximate trimming drops whole nodes; across 40 acknowledgement points some fall on a node's
+    # last entry, where dropping the seam would show
+    log = EventLog(any_redis, keys, retention_ms=1)
+    key = keys.events("volume_wave")
+    ids = await log.append_events("volume_wave", price_changes(40))
+    got = await any_redis.xreadgroup("archiver", "a", {key: ">"}, count=40)
+    for n, (eid, _) in enumerate(got[0][1]):
+        await any_redis.xack(key, "archiver", eid)
+        ids += await log.append_events("volume_wave", price_changes(1, start=40 + n))
+        kept = await kept_ids(any_redis, keys)
+        assert kept == ids[ids.index(kept[0]):] and ids.index(kept[0]) <= n, f"acknowledged up to {n}"
+
+
+async def test_an_edge_nodes_group_does_not_hold_retention(any_redis, keys):
+    # a dead edge node's group, never read, must not keep memory: only the archive group holds
+    log = EventLog(any_redis, keys, maxlen=100)
+    key = keys.events("volume_wave")
+    ids = await log.append_events("volume_wave", price_changes(100))
+    await any_redis.xgroup_create(key, "edge:dead-node", id="0")
+    for start in range(100, 1000, 100):
+        ids += await log.append_events("volume_wave", price_changes(100, start=start))
+    got = await any_redis.xreadgroup("archiver", "a", {key: ">"}, count=1000)
+    await any_redis.xack(key, "archiver", *[eid for eid, _ in got[0][1]])
+    ids += await log.append_events("volume_wave", price_changes(100, start=1000))
+    kept = await kept_ids(any_redis, keys)
+    assert kept == ids[ids.index(kept[0]):] and len(kept) < 300, "trimmed to about MAXLEN"

@@ -47,6 +47,7 @@ def archive() -> None:
 
     s = settings_or_exit(ArchiverSettings)
     redis_url, database_url = _need(s.redis_url, "REDIS_URL"), _need(s.database_url, "DATABASE_URL")
+    group = _need(s.archive_group, "TICKWAVE_ARCHIVE_GROUP")
     serve_metrics(s.archive_metrics_port)
 
     async def main(stop: asyncio.Event) -> None:
@@ -58,7 +59,7 @@ def archive() -> None:
             bar.update(st.archived - bar.n)
             bar.set_postfix(rejected=st.rejected)
         archiver = Archiver(
-            client, Keys(s.key_prefix), ArchiveStore(pool), group=s.archive_group, consumer=s.archive_consumer,
+            client, Keys(s.key_prefix), ArchiveStore(pool), group=group, consumer=s.archive_consumer,
             batch=s.archive_batch, claim_idle_ms=s.archive_claim_idle_ms, refresh_s=s.archive_refresh_s,
             on_progress=progress,
         )
@@ -69,7 +70,8 @@ def archive() -> None:
             bar.close()
             await pool.close()
             await client.aclose()
-        log.info("archiver stopped", extra={"archived": stats.archived, "rejected": stats.rejected})
+        log.info("archiver stopped", extra={"archived": stats.archived, "rejected": stats.rejected,
+                                            "gaps": stats.gaps, "lost": stats.lost})
 
     run_until_signalled(main)
 
@@ -103,7 +105,8 @@ def generate(strategy: str, rate: float, stocks: int, count: int | None, seed: i
 
     async def main(stop: asyncio.Event) -> int:
         client = connect(redis_url)
-        log_ = EventLog(client, Keys(s.key_prefix), retention_ms=s.event_retention_ms, maxlen=s.event_maxlen)
+        log_ = EventLog(client, Keys(s.key_prefix), retention_ms=s.event_retention_ms, maxlen=s.event_maxlen,
+                        archive_group=s.archive_group, hold_max_bytes=s.event_hold_max_bytes)
         with tqdm(total=count, desc=f"events {strategy}", unit="ev", dynamic_ncols=True) as bar:
             try:
                 return await run(log_, strategy, listings=listings, rate=rate, count=count, stop=stop,

@@ -100,6 +100,8 @@ def start_worker(settings: EdgeSettings, logfile: Path) -> subprocess.Popen[byte
     """The join as its own process, as in production: `tickwave worker` (faust owns its loop)."""
     env = {**os.environ, "REDIS_URL": settings.redis_url or "", "TICKWAVE_KEY_PREFIX": settings.key_prefix,
            "TICKWAVE_TICK_PARTITIONS": str(settings.tick_partitions),
+           # without PostgreSQL no archiver runs here: nothing may hold the streams' retention
+           "TICKWAVE_ARCHIVE_GROUP": settings.archive_group if settings.database_url else "",
            "TICKWAVE_WORKER_METRICS_PORT": os.environ.get("TICKWAVE_WORKER_METRICS_PORT", "0")}
     with open(logfile, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "tickwave", "worker"], env=env, stdout=out,
@@ -153,7 +155,8 @@ async def _run(settings: EdgeSettings, options: RunOptions, stop: asyncio.Event,
                                         "changed": result.added + result.updated})
         tasks.append(asyncio.create_task(Relay(client, keys, settings.database_url,
                                                tick_partitions=settings.tick_partitions, poll_s=0.5).run(stop)))
-        archiver = Archiver(client, keys, ArchiveStore(pool), consumer="run", refresh_s=1.0)
+        archiver = Archiver(client, keys, ArchiveStore(pool), group=settings.archive_group or "archiver",
+                            consumer="run", refresh_s=1.0)
         archiver.on_progress = lambda st: setattr(counts, "archived", st.archived)
         tasks.append(asyncio.create_task(archiver.run(stop)))
     else:

@@ -333,13 +333,13 @@ class Workers(Target):
 
 
 def raw_process(url: str, prefix: str, partitions: list[int], held: dict[str, dict[str, Any]],
-                stop_flag: Any) -> None:
+                ready: Any, stop_flag: Any) -> None:
     """The baseline's body, in a process of its own (multiprocessing target)."""
-    asyncio.run(raw_loop(url, Keys(prefix), partitions, held, stop_flag))
+    asyncio.run(raw_loop(url, Keys(prefix), partitions, held, ready, stop_flag))
 
 
 async def raw_loop(url: str, keys: Keys, partitions: list[int], held: dict[str, dict[str, Any]],
-                   stop_flag: Any) -> None:
+                   ready: Any, stop_flag: Any) -> None:
     """XREADGROUP COUNT 1000 over these tick partitions (blocking 100 ms when idle), the batch
     joined by the worker's `Joiner.join_ticks` with `held` as the table, XACK; until told to stop."""
     client = connect(url)
@@ -352,6 +352,8 @@ async def raw_loop(url: str, keys: Keys, partitions: list[int], held: dict[str, 
             if "BUSYGROUP" not in str(exc):
                 raise
     read = {key: ">" for key in streams}
+    await joiner.events.ping()
+    ready.release()
     try:
         while not stop_flag.is_set():
             reply = cast(list[tuple[bytes, list[RawEntry]]],
@@ -380,15 +382,22 @@ class RawLoop(Target):
         self.label = "raw loop" if procs == 1 else f"raw loop x{procs}"
         ctx = multiprocessing.get_context("spawn")
         self.stop_flag = ctx.Event()
+        self.ready = ctx.Semaphore(0)  # released by each process once its groups exist
         self.procs = [ctx.Process(target=raw_process, daemon=True, args=(
-            url, self.keys.prefix, [p for p in range(partitions) if p % procs == i], market.held, self.stop_flag))
+            url, self.keys.prefix, [p for p in range(partitions) if p % procs == i], market.held, self.ready,
+            self.stop_flag))
             for i in range(procs)]
 
     async def __aenter__(self) -> RawLoop:
         await super().__aenter__()
         for proc in self.procs:
             proc.start()
-        # its groups exist once it reads: ticks written before that would still be read (id 0)
+        # timed ticks must not wait for a process still importing: each says when it reads
+        loop = asyncio.get_running_loop()
+        for _ in self.procs:
+            if not await loop.run_in_executor(None, self.ready.acquire, True, 60):
+                self.check()
+                raise self.failed("a raw loop process was not reading after 60 s")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -46,6 +46,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
+
 from agents.settings import WorkerSettings
 from bench import pipeline_clients
 from bench._common import line, redis_url
@@ -209,6 +211,7 @@ class Pushed:
     lost: int = 0
     duplicated: int = 0
     clients_with_loss: int = 0
+    frames: float = 0  # price_update frames the edge sent during the phase (its /metrics)
 
     def ordered(self) -> list[float]:
         if not hasattr(self, "_ordered"):
@@ -219,11 +222,25 @@ class Pushed:
         return (f"{quantiles(self.ordered())}   {self.delivered:,} of {self.owed:,} deliveries, "
                 f"{self.lost:,} lost, {self.duplicated:,} duplicated")
 
+    def frames_text(self, seconds: float) -> str:
+        per_frame = self.delivered / self.frames if self.frames else float("nan")
+        return f"edge sent {self.frames / seconds:,.0f} price frames/s, {per_frame:.1f} events per frame"
+
+
+async def frames_sent(port: int) -> float:
+    """The edge's count of price_update frames sent, from its /metrics."""
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    for row in text.splitlines():
+        if row.startswith('tickwave_edge_messages_sent_total{type="price_update"}'):
+            return float(row.split()[-1])
+    return 0.0
+
 
 async def push(url: str, target: Workers, clients: int, procs: int, seconds: float, rate: float) -> list[Pushed]:
     """(c): the join path, then the bench appending the events itself, to the same clients."""
     port = free_port()
-    edge = start_edge(url, target.keys, port)
+    edge = start_edge(url, target.keys, port, log=target.workdir / "edge.log")
     ctx = multiprocessing.get_context("spawn")
     pipes: list[Connection] = []
     children = []
@@ -248,14 +265,20 @@ async def push(url: str, target: Workers, clients: int, procs: int, seconds: flo
                 raise RuntimeError(f"a client process failed: {reply[1]}")
             return reply
 
-        await asyncio.gather(*(answer(conn, 180) for conn in pipes))
+        retries = sum(r[1] for r in await asyncio.gather(*(answer(conn, 180) for conn in pipes)))
         progress(f"(c): {clients:,} clients subscribed")
+        if retries:  # the run goes on: the edge's own reason, as its log says it
+            tail = (target.workdir / "edge.log").read_text(errors="replace").splitlines()[-3:]
+            progress(f"(c): {retries} subscribes resent after `unavailable`; the edge's log ends:\n"
+                     + "\n".join(tail))
         pids = {**target.pids(), "edge": edge.pid, **{f"clients {i + 1}": c.pid for i, c in enumerate(children)
                                                       if c.pid is not None}}
-        runs = []
+        runs, frames = [], []
         for name, write in (("through the join", target.write_ticks), ("appended by the bench", target.write_events)):
+            before = await frames_sent(port)
             runs.append(await paced(target, seconds, rate, write, f"(c) {name}", pids))
             await asyncio.sleep(SETTLE_S)
+            frames.append(await frames_sent(port) - before)
         phases = []
         for run in runs:
             ids: dict[str, list[str]] = defaultdict(list)
@@ -265,7 +288,7 @@ async def push(url: str, target: Workers, clients: int, procs: int, seconds: flo
         for conn in pipes:
             conn.send(("report", phases))
         reports = await asyncio.gather(*(answer(conn, 120) for conn in pipes))
-        out = [Pushed(run) for run in runs]
+        out = [Pushed(run, frames=n) for run, n in zip(runs, frames)]
         for _, results in reports:
             for pushed, got in zip(out, results):
                 pushed.latencies.extend(got.latencies_ms)
@@ -344,7 +367,9 @@ async def main(args: argparse.Namespace) -> None:
     out.append(f"bench/pipeline  {time.strftime('%Y-%m-%d %H:%M')}  commit {commit()}  "
                f"{len(market.listings):,} stocks, {args.signalled:,} signalled ({signals:,} signals, "
                f"{len(STRATEGIES)} strategies), {args.partitions} tick partitions, worker batch "
-               f"{settings.worker_batch} / {settings.worker_batch_window_s * 1000:g} ms")
+               f"{settings.worker_batch} at most, "
+               + (f"window {settings.worker_batch_window_s * 1000:g} ms" if settings.worker_batch_window_s
+                  else "no window"))
     if one_burst and raw_burst and two_burst and raw2_burst:
         out.append(line("(a) join, one worker", one_burst.rate(), "ticks/s", raw_burst.rate(),
                         "raw XREADGROUP->join->append, one process"))
@@ -369,7 +394,7 @@ async def main(args: argparse.Namespace) -> None:
         for name, p in (("join", via_join), ("direct", direct)):
             out.append(f"    {name:<8} {p.summary()}")
             out.append(f"    {'':<8} appended: {quantiles(p.run.latencies())}   {p.run.counts()}")
-            out.append(f"    {'':<8} {p.run.cpu}")
+            out.append(f"    {'':<8} {p.frames_text(args.seconds)}; {p.run.cpu}")
     print("\n".join(out))
 
 

@@ -8,7 +8,8 @@ microsecond they spend per frame is taken from what is measured. They run on uvl
 is installed (the `bench` extra).
 
 The parent (bench.pipeline) drives a process through a Pipe: it sends ("start", url, strategies),
-gets ("ready", n) once all n clients are subscribed, later sends ("report", phases) with the event
+gets ("ready", retries) once all its clients are subscribed (and how many subscribes had to be
+resent), later sends ("report", phases) with the event
 ids each strategy's stream got in each timed phase, and gets back one `PhaseResult` per phase.
 """
 
@@ -26,6 +27,7 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 CONNECTS_AT_ONCE = 50
+RETRIES = 5  # subscribes resent after an `unavailable` answer (the edge says: retry shortly)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Client(WSListener):  # type: ignore[misc]
         self.latencies = array("d")
         self.transport: WSTransport | None = None
         self.error: str | None = None
+        self.retries = 0
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -73,6 +76,10 @@ class Client(WSListener):  # type: ignore[misc]
             if not self.subscribed.done():
                 self.subscribed.set_result(None)
         elif kind == "error":
+            if doc.get("code") == "unavailable" and not self.subscribed.done() and self.retries < RETRIES:
+                self.retries += 1
+                asyncio.get_running_loop().call_later(0.5, transport.send, WSMsgType.TEXT, self.subscribe)
+                return
             self.error = str(doc)
             if not self.subscribed.done():
                 self.subscribed.set_exception(RuntimeError(f"subscribe refused: {doc}"))
@@ -126,7 +133,7 @@ async def _clients(conn: Connection, url: str, strategies: list[str]) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", len(clients)))
+    conn.send(("ready", sum(c.retries for c in clients)))
     message = await loop.run_in_executor(None, conn.recv)
     errors = [c.error for c in clients if c.error]
     if errors:

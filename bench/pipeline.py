@@ -126,8 +126,16 @@ class Run:
     ticks: int
     expected: int
     events: list[Appended]
-    cpu: str
+    meter: CpuMeter
     extra: int = 0  # stream entries beyond the events owed (duplicates)
+
+    @property
+    def cpu(self) -> str:
+        return self.meter.text()
+
+    def us_per_tick(self) -> float:
+        """CPU of the joining processes per tick: steadier than a rate on a shared machine."""
+        return self.meter.joiners() / self.ticks * 1e6
 
     def rate(self) -> float:
         """Ticks/s from the first event appended to the last, scaled from events to ticks."""
@@ -149,7 +157,7 @@ async def finish(target: Target, marks: dict[str, str], base: int, ticks: int, e
                  meter: CpuMeter) -> Run:
     await asyncio.sleep(0.2)  # a duplicate still in flight would show
     extra = await target.count() - base - expected
-    return Run(ticks, expected, await appended_after(target, marks), meter.text(), extra)
+    return Run(ticks, expected, await appended_after(target, marks), meter, extra)
 
 
 async def burst(target: Target, n: int) -> Run:
@@ -378,7 +386,7 @@ async def main(args: argparse.Namespace) -> None:
                         "raw loop, one process"))
         for name, run in (("one worker", one_burst), ("two workers", two_burst), ("raw loop", raw_burst),
                           ("raw loop x2", raw2_burst)):
-            out.append(f"    {name:<12} {run.counts()}; {run.cpu}")
+            out.append(f"    {name:<12} {run.counts()}, {run.us_per_tick():.0f} µs of join CPU per tick; {run.cpu}")
     if b_join and b_raw:
         join_lat, raw_lat = b_join.latencies(), b_raw.latencies()
         out.append(line(f"(b) tick -> event appended p99, {args.rate:,.0f}/s", pct(join_lat, 0.99), "ms",

@@ -162,10 +162,15 @@ class CpuMeter:
         end = {name: cpu_seconds(pid) for name, pid in self.pids.items() if Path(f"/proc/{pid}").exists()}
         end["redis"] = await redis_cpu(self.client)
         end["bench"] = time.process_time()
-        self.shares = {name: (end[name] - self.start[name]) / wall * 100 for name in end}
+        self.used = {name: end[name] - self.start[name] for name in end}  # CPU seconds
+        self.shares = {name: used / wall * 100 for name, used in self.used.items()}
         busy, total = machine_busy()
         # the machine's busy share of all its cores, other sessions' processes included
         self.busy = (busy - self.machine[0]) / (total - self.machine[1]) * (os.cpu_count() or 1) * 100
+
+    def joiners(self) -> float:
+        """CPU seconds of the processes doing the join (workers or raw loops)."""
+        return sum(used for name, used in self.used.items() if name.startswith(("worker", "raw")))
 
     def text(self) -> str:
         return ("CPU, % of one core: " + ", ".join(f"{name} {share:.0f}" for name, share in self.shares.items())

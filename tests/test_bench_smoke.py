@@ -50,8 +50,8 @@ SMOKES = {
     "pipeline": Smoke("python -m bench.pipeline --stocks 300 --signalled 30 --ticks 600 --rate 300 --seconds 1 "
                       "--clients 6 --client-procs 2",
                       ("(a) join, one worker", "(a) join, two workers", "(a) raw loop, two processes", "(b)", "(c)"),
-                      lines=(r"^ +one worker +600 ticks, 72 events appended of 72 owed; CPU",
-                             r"^ +two workers +600 ticks, 72 events appended of 72 owed; CPU",
+                      lines=(r"^ +one worker +600 ticks, 72 events appended of 72 owed, \d+ µs of join CPU per tick; CPU",
+                             r"^ +two workers +600 ticks, 72 events appended of 72 owed, \d+ µs of join CPU per tick; CPU",
                              r"^ +one worker +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +300 ticks, "
                              r"36 events appended of 36 owed$",
                              r"^ +raw loop +p50 .* 36 events appended of 36 owed$",

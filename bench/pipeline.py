@@ -128,6 +128,7 @@ class Run:
     events: list[Appended]
     meter: CpuMeter
     extra: int = 0  # stream entries beyond the events owed (duplicates)
+    rebalances: int = 0  # rounds the workers' group started during the phase: a pause in the rate
 
     @property
     def cpu(self) -> str:
@@ -150,14 +151,16 @@ class Run:
 
     def counts(self) -> str:
         dup = f", {self.extra:,} more than owed" if self.extra else ""
-        return f"{self.ticks:,} ticks, {len(self.events):,} events appended of {self.expected:,} owed{dup}"
+        moved = f", {self.rebalances} rebalances during it" if self.rebalances else ""
+        return f"{self.ticks:,} ticks, {len(self.events):,} events appended of {self.expected:,} owed{dup}{moved}"
 
 
 async def finish(target: Target, marks: dict[str, str], base: int, ticks: int, expected: int,
-                 meter: CpuMeter) -> Run:
+                 meter: CpuMeter, rounds: int) -> Run:
     await asyncio.sleep(0.2)  # a duplicate still in flight would show
     extra = await target.count() - base - expected
-    return Run(ticks, expected, await appended_after(target, marks), meter, extra)
+    return Run(ticks, expected, await appended_after(target, marks), meter, extra,
+               await target.rebalances() - rounds)
 
 
 async def burst(target: Target, n: int) -> Run:
@@ -165,7 +168,7 @@ async def burst(target: Target, n: int) -> Run:
     ticks = target.tape.take(n)
     expected = target.tape.events_for(ticks)
     batches = encoded(ticks)
-    marks, base = await last_ids(target), await target.count()
+    marks, base, rounds = await last_ids(target), await target.count(), await target.rebalances()
     meter = CpuMeter(target.client, target.pids())
     progress(f"{target.label}: writing {n:,} ticks in a burst ({expected:,} events owed)")
     step = max(1, 10_000 // target.partitions)
@@ -173,7 +176,7 @@ async def burst(target: Target, n: int) -> Run:
         for start in range(0, max(len(b) for b in batches.values()), step):
             await target.ticks.append_many({p: b[start:start + step] for p, b in batches.items() if b[start:start + step]})
         await target.wait_count(base + expected, "joining the burst")
-    return await finish(target, marks, base, n, expected, meter)
+    return await finish(target, marks, base, n, expected, meter, rounds)
 
 
 Writer = Callable[[Sequence[TapeTick]], Awaitable[None]]
@@ -183,7 +186,7 @@ async def paced(target: Target, seconds: float, rate: float, write: Writer, what
                 pids: dict[str, int] | None = None) -> Run:
     """(b), (c): `rate` ticks/s for `seconds`, a batch every 10 ms (late batches catch up), each
     tick stamped with the time it is written; then wait for every event they owe."""
-    marks, base = await last_ids(target), await target.count()
+    marks, base, rounds = await last_ids(target), await target.count(), await target.rebalances()
     total = int(rate * seconds)
     sent = expected = 0
     meter = CpuMeter(target.client, target.pids() if pids is None else pids)
@@ -203,7 +206,7 @@ async def paced(target: Target, seconds: float, rate: float, write: Writer, what
             next_at += EVERY_S
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await target.wait_count(base + expected, what)
-    return await finish(target, marks, base, total, expected, meter)
+    return await finish(target, marks, base, total, expected, meter, rounds)
 
 
 # --- (c) the edge and its clients ----------------------------------------------------------
@@ -344,6 +347,7 @@ async def main(args: argparse.Namespace) -> None:
     try:
         with redis_url() as url:
             one_burst = raw_burst = two_burst = raw2_burst = None
+            two_split = ""
             b_join = b_raw = None
             pushed: list[Pushed] = []
             async with Workers(url, market, args.partitions, 1, workdir) as one:
@@ -362,6 +366,7 @@ async def main(args: argparse.Namespace) -> None:
             if "a" in parts:
                 async with Workers(url, market, args.partitions, 2, workdir) as two:
                     two_burst = await burst(two, args.ticks)
+                    two_split = two.split
                 async with RawLoop(url, market, args.partitions, 2) as raw2:
                     raw2_burst = await burst(raw2, args.ticks)
         ok = True
@@ -384,6 +389,7 @@ async def main(args: argparse.Namespace) -> None:
         out.append(line("(a) join, two workers", two_burst.rate(), "ticks/s", one_burst.rate(), "join, one worker"))
         out.append(line("(a) raw loop, two processes", raw2_burst.rate(), "ticks/s", raw_burst.rate(),
                         "raw loop, one process"))
+        out.append(f"    (two workers held {two_split} of the {args.partitions} tick partitions)")
         for name, run in (("one worker", one_burst), ("two workers", two_burst), ("raw loop", raw_burst),
                           ("raw loop x2", raw2_burst)):
             out.append(f"    {name:<12} {run.counts()}, {run.us_per_tick():.0f} µs of join CPU per tick; {run.cpu}")

@@ -40,8 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("volume_wave", "breakout", "dragon")
 SIGNAL_DATE = date(2026, 11, 27)
 STALL_S = 30.0  # nothing appended for this long while events are owed: the run fails
-# the join tests' short lease: a group of two forms in a second or two instead of several
-BROKER_OPTIONS = "session_timeout=3&heartbeat_interval=0.5"
 
 
 def progress(text: str) -> None:
@@ -201,6 +199,10 @@ class Target:
     def pids(self) -> dict[str, int]:
         return {}
 
+    async def rebalances(self) -> int:
+        """Rebalance rounds the workers' group has started so far (none without workers)."""
+        return 0
+
     def check(self) -> None:
         """Raise when a process of this target has died."""
 
@@ -257,7 +259,6 @@ class WorkerProc:
         env = {**os.environ, "REDIS_URL": url, "TICKWAVE_KEY_PREFIX": keys.prefix,
                "TICKWAVE_WORKER_METRICS_PORT": "0", "TICKWAVE_TICK_PARTITIONS": str(partitions),
                "TICKWAVE_WORKER_DATADIR": str(workdir / name)}
-        env.setdefault("TICKWAVE_WORKER_BROKER_OPTIONS", BROKER_OPTIONS)
         env.pop("DATABASE_URL", None)
         with open(self.logfile, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "tickwave", "worker"], cwd=REPO, env=env,
@@ -288,7 +289,8 @@ class Workers(Target):
         await self.wait(self.all_own_partitions, 120, "the workers never held the tick partitions")
         await self.send_signals()
         await self.wait(self.signals_applied, 60, "the signals were never applied")
-        progress(f"{self.label}: up, {len(self.market.changes)} signals applied, "
+        self.split = "+".join(str(n) for n in await self.tick_partitions())
+        progress(f"{self.label}: up, {len(self.market.changes)} signals applied, tick partitions {self.split}, "
                  f"{time.monotonic() - started:.1f} s after start")
         return self
 
@@ -317,11 +319,19 @@ class Workers(Target):
                 raise self.failed(reason)
             await asyncio.sleep(0.1)
 
-    async def all_own_partitions(self) -> bool:
+    async def rebalances(self) -> int:
+        app_id = WorkerSettings().worker_app_id
+        return int(await self.client.hget(self.keys.group(app_id, "meta"), "round") or 0)
+
+    async def tick_partitions(self) -> list[int]:
+        """How many tick partitions each worker holds now."""
         app_id = WorkerSettings().worker_app_id
         owners = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.group(app_id, "owners")))
         ticks = [v.decode() for k, v in owners.items() if k.startswith(b"ticks|")]
-        return all(any(f"-{p.proc.pid}-" in owner for owner in ticks) for p in self.procs)
+        return [sum(f"-{p.proc.pid}-" in owner for owner in ticks) for p in self.procs]
+
+    async def all_own_partitions(self) -> bool:
+        return min(await self.tick_partitions()) > 0
 
     async def signals_applied(self) -> bool:
         return await self.count() >= len(self.market.changes)

@@ -58,7 +58,9 @@ class WorkerSettings(EventsSettings):
     worker_metrics_port: int = Field(9102, ge=0, le=65535, description="/metrics port (0: off)")
     worker_batch: int = Field(500, ge=1, le=10_000, description="ticks joined per batch at most")
     worker_batch_window_s: float = Field(
-        0.005, gt=0, le=1, description="longest a tick waits for its batch to fill (adds to join latency)")
+        0.0, ge=0, le=1,
+        description="0: join the ticks that have arrived at once; above 0, wait up to this long for a batch to "
+                    "fill (fewer, larger appends; adds to join latency)")
     worker_commit_interval: float = Field(0.5, gt=0, description="seconds between offset commits")
     worker_standby_replicas: int = Field(0, ge=0, le=3, description="standby copies of the signals table")
     worker_datadir: str | None = Field(None, description="faust's data directory (default: a new temporary one)")

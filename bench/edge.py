@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -66,13 +67,18 @@ async def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"server on {port} not healthy in {timeout}s")
 
 
-def start_edge(url: str, keys: Keys, port: int, **env: str) -> subprocess.Popen[bytes]:
+def start_edge(url: str, keys: Keys, port: int, log: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
+    """`tickwave edge` on `port`, logging warnings to `log` (else nowhere)."""
     full = {**os.environ, "REDIS_URL": url, "TICKWAVE_KEY_PREFIX": keys.prefix, "TICKWAVE_EDGE_PORT": str(port),
             "TICKWAVE_EDGE_HOST": "127.0.0.1", "TICKWAVE_EDGE_NODE": f"bench-{uuid.uuid4().hex[:6]}",
             "TICKWAVE_EDGE_MAX_CONNECTIONS_PER_IP": "100000", "TICKWAVE_LOG_LEVEL": "WARNING", **env}
     full.pop("DATABASE_URL", None)
-    return subprocess.Popen([sys.executable, "-m", "tickwave", "edge"], env=full,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if log is None:
+        return subprocess.Popen([sys.executable, "-m", "tickwave", "edge"], env=full,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "tickwave", "edge"], env=full,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_script(module: str, port: int, url: str) -> subprocess.Popen[bytes]:

@@ -19,8 +19,9 @@ import pytest
 from bench._common import Figure, parse_figures
 
 REPO = Path(__file__).resolve().parents[1]
-# modules in bench/ that are not benchmarks: plumbing, and the faust app bench.driver starts
-NOT_BENCHMARKS = {"__init__", "_common", "driver_app"}
+# modules in bench/ that are not benchmarks: plumbing, the faust app bench.driver starts, and
+# bench.pipeline's set-up and its WebSocket client processes
+NOT_BENCHMARKS = {"__init__", "_common", "driver_app", "pipeline_setup", "pipeline_clients"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,18 @@ SMOKES = {
     "signals api": Smoke("python -m bench.signals_api --signals 50 --requests 120",
                          ("GET /api/signals/buy p50", "GET /api/signals/buy p99"), database=True),
     "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
+    # every part at once: a 300-stock market, 600-tick bursts, 1 s paced phases, 6 clients in 2 processes
+    "pipeline": Smoke("python -m bench.pipeline --stocks 300 --signalled 30 --ticks 600 --rate 300 --seconds 1 "
+                      "--clients 6 --client-procs 2",
+                      ("(a) join, one worker", "(a) join, two workers", "(a) raw loop, two processes", "(b)", "(c)"),
+                      lines=(r"^ +one worker +600 ticks, 72 events appended of 72 owed, \d+ µs of join CPU per tick; CPU",
+                             r"^ +two workers +600 ticks, 72 events appended of 72 owed, \d+ µs of join CPU per tick; CPU",
+                             r"^ +one worker +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +300 ticks, "
+                             r"36 events appended of 36 owed$",
+                             r"^ +raw loop +p50 .* 36 events appended of 36 owed$",
+                             r"^ +join +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +72 of 72 deliveries, 0 lost, "
+                             r"0 duplicated$",
+                             r"^ +direct +p50 .* 72 of 72 deliveries, 0 lost, 0 duplicated$")),
 }
 
 

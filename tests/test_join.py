@@ -247,6 +247,26 @@ async def test_two_workers_share_the_work_and_the_survivor_of_a_kill_finishes_it
         assert b.stop() == 0, b.log()[-3000:]
 
 
+async def test_with_a_batch_window_every_tick_is_still_joined_exactly_once(redis_url, redis, keys, tmp_path: Path):
+    """The worker waits for batches to fill (faust's take_events) instead of joining what has arrived."""
+    rng = random.Random(3)
+    codes = [f"60{i:04d}.SH" for i in range(3000, 3020)]
+    held = _held(codes, rng)
+    await topics(redis, keys)
+    signals = await _signal_all(redis, keys, held)
+    worker = JoinWorker(redis_url, keys, tmp_path, "w", TICKWAVE_WORKER_BATCH_WINDOW_S="0.02").start()
+    try:
+        await wait_until(lambda: _reached(redis, keys, signals), 60, "the signals were never applied", [worker])
+        written = await _feed(redis, keys, codes, 2_000, 100, 0.01)
+        expected = expected_events(written, held)
+        await wait_until(lambda: _reached(redis, keys, len(expected) + signals), 60,
+                         "the worker did not join every tick", [worker])
+        await asyncio.sleep(0.5)
+        await _check_exact(redis, keys, expected)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+
+
 async def _both_own(redis, keys: Keys, pid_a: int, pid_b: int) -> bool:
     return await _owned_by(redis, keys, pid_a) > 0 and await _owned_by(redis, keys, pid_b) > 0
 

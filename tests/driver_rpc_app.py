@@ -5,7 +5,11 @@
 
 `mul` answers each value times 100. The commands run in their own process as a
 faust client (no worker, no group): `ask X` prints `ask: <answer>`, `join X Y ...`
-prints the answers in order, `map X Y ...` prints them as they arrive.
+prints the answers in order, `map X Y ...` prints them as they arrive. A worker
+also asks `mul` itself every second and prints `self-ask: <answer>`, as the
+example's timers do (with reply_create_topic, so its reply topic is part of its
+first subscription); with DRIVER_SELF_JOIN=n it first joins n values and prints
+`self-join: <n> answers`. DRIVER_STREAM_BUFFER sets faust's stream_buffer_maxsize.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ app = faust.App(
     web_enabled=False,
     topic_partitions=4,
     datadir=os.environ.get("DRIVER_DATADIR", "/tmp/tickwave-driver-test"),
+    reply_create_topic=True,
+    stream_buffer_maxsize=int(os.environ.get("DRIVER_STREAM_BUFFER", "4096")),
 )
 
 
@@ -29,6 +35,21 @@ app = faust.App(
 async def mul(stream: faust.StreamT[float]) -> AsyncIterator[float]:
     async for value in stream:
         yield value * 100.0
+
+
+SELF_JOIN = int(os.environ.get("DRIVER_SELF_JOIN", "0"))
+joined = False
+
+
+@app.timer(1.0)
+async def self_ask() -> None:
+    global joined
+    if app.client_only:
+        return
+    if SELF_JOIN and not joined:
+        joined = True
+        print(f"self-join: {len(await mul.join([1.0] * SELF_JOIN))} answers", flush=True)
+    print(f"self-ask: {await mul.ask(1.0)}", flush=True)
 
 
 @app.command(argument("x"))

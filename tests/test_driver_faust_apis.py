@@ -1,6 +1,6 @@
 """faust features beyond agents and tables, with real worker processes: a `group_by` whose
-repartition topic has a long generated name, and agent.ask / join / map from a separate
-client process."""
+repartition topic has a long generated name, agent.ask / join / map from a separate
+client process, and workers asking their own agents across a rebalance."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from streams.connection import AnyRedis
 from streams.keys import Keys
 from streams.log import PartitionLog
 from streams.partition import partition_for
-from tests.driver_harness import REPO, WorkerProcess, broker_url, probe_table, wait_until
+from tests.driver_harness import REPO, WorkerProcess, broker_url, group_state, probe_table, wait_until
 
 ORDERS = 400
 
@@ -93,7 +93,10 @@ def run_client(broker: str, tmp_path: Path, *command: str, timeout: float = 30) 
 @pytest.fixture
 def rpc_worker(redis_url, redis, keys, tmp_path: Path):
     broker = broker_url(redis_url, keys)
-    worker = WorkerProcess(broker, tmp_path, "worker", module="tests.driver_rpc_app").start()
+    # its own join of 500 values first: more replies than its stream buffers hold (faust's
+    # BarrierState takes at most 1000 before the join reads them)
+    worker = WorkerProcess(broker, tmp_path, "worker", module="tests.driver_rpc_app", DRIVER_SELF_JOIN="500",
+                           DRIVER_STREAM_BUFFER="100").start()
     try:
         yield broker, worker
     finally:
@@ -113,3 +116,38 @@ async def test_agent_ask_join_and_map_answer_a_separate_client_process(rpc_worke
     assert "join: [100.0, 200.0, 300.0, 400.0]" in joined
     mapped = await loop.run_in_executor(None, run_client, broker, tmp_path, "map", "5", "6", "7")
     assert "map: [500.0, 600.0, 700.0]" in mapped
+
+
+async def test_workers_asking_their_own_agents_get_answers_across_a_rebalance_and_stop(rpc_worker, redis, keys,
+                                                                                      tmp_path: Path):
+    # a reply the worker's reply stream has taken stays unacked until the next one comes: it
+    # must neither hold up a rebalance or a stop, nor be delivered again after the rebalance
+    broker, first = rpc_worker
+    await wait_until(lambda: _logged(first, "self-join: 500 answers"), 60,
+                     "the worker's join of 500 values never completed", [first])
+
+    def answers(worker: WorkerProcess) -> int:
+        return worker.log().count("self-ask: 100.0")
+
+    async def answered(worker: WorkerProcess, more_than: int) -> bool:
+        return answers(worker) > more_than
+    await wait_until(lambda: answered(first, 2), 60, "the worker never got answers to its own asks", [first])
+    second = WorkerProcess(broker, tmp_path, "second", module="tests.driver_rpc_app").start()
+    try:
+        async def both_members() -> bool:
+            state = await group_state(redis, keys, "drivertest-rpc")
+            return state.settled and len(state.members) == 2
+        await wait_until(both_members, 60, "the second worker never joined", [first, second])
+        before = answers(first)
+        await wait_until(lambda: answered(first, before + 2), 30, "the first worker's asks stopped being answered",
+                         [first, second])
+        await wait_until(lambda: answered(second, 2), 30, "the second worker's asks were never answered",
+                         [first, second])
+    finally:
+        assert second.stop() == 0, "a worker that asks its agents did not stop"
+    for worker in (first, second):
+        assert "Crashed" not in worker.log() and "stepping aside" not in worker.log(), worker.log()[-3000:]
+
+
+async def _logged(worker: WorkerProcess, text: str) -> bool:
+    return text in worker.log()

@@ -350,8 +350,8 @@ class Consumer(base.Consumer):
 
     async def wait_empty(self) -> None:
         """Wait for the events being processed to be acked, committing as they are; a client
-        (faust's start_client) commits nothing, and the stream reading its replies acks the last
-        reply only when the next one comes, so waiting for it would keep a command from exiting."""
+        (faust's start_client) commits nothing, and a reply its stream holds when the command
+        finishes would keep the command from exiting."""
         if self.app.client_only:
             return
         await super().wait_empty()

@@ -188,18 +188,23 @@ async def test_a_worker_survives_a_redis_restart_mid_stream(binary: str, keys, t
         pytest.skip(f"no {binary} redis-server here")
     own = servers.EmbeddedRedis(found[binary], persistent=True).start()
     client = connect(own.url)
-    worker = WorkerProcess(broker_url(own.url, keys), tmp_path, "a").start()
+    # a slow agent, so records are produced and not yet consumed when Redis goes away
+    worker = WorkerProcess(broker_url(own.url, keys), tmp_path, "a", DRIVER_DELAY="0.01").start()
     try:
-        await produce(client, keys, "src", numbered(0, 200))
-        await wait_until(has_values(client, keys, set(range(200))), 60, "nothing consumed before the restart", [worker])
+        await produce(client, keys, "src", numbered(0, 400))
+        await wait_until(has_values(client, keys, set(range(20))), 60, "nothing consumed before the restart", [worker])
+        in_flight = 400 - len(set(await values(client, keys, "dst")))
         own.halt()
+        assert in_flight > 50, f"only {in_flight} records were still in flight when Redis went down"
         await asyncio.sleep(1.5)
         assert worker.proc is not None and worker.proc.poll() is None, "the worker died with Redis"
         own.start()
-        await produce(client, keys, "src", numbered(200, 200))
-        await wait_until(has_values(client, keys, set(range(400))), 60, "the worker did not resume after the restart",
+        await produce(client, keys, "src", numbered(400, 200))
+        await wait_until(has_values(client, keys, set(range(600))), 90, "the worker did not resume after the restart",
                          [worker])
         assert worker.proc.poll() is None
+        # exactly the records produced, none invented (at-least-once may repeat a record, never lose one)
+        assert set(await values(client, keys, "dst")) == set(range(600))
     finally:
         worker.stop()
         await client.aclose()
@@ -386,7 +391,8 @@ async def test_a_worker_paused_past_its_lease_cannot_move_commits_back_and_rejoi
         os.kill(a.pid, signal.SIGCONT)
         assert a.stop() == 0
         assert b.stop() == 0
-    assert "commit fenced" in a.log() or "evicted" in a.log()
+    # the woken worker tried to commit for partitions that had moved, and the group refused it
+    assert "commit fenced" in a.log(), a.log()[-3000:]
     for before, after in zip(history, history[1:]):
         for tp, offset in before.items():
             assert after.get(tp, offset) >= offset, f"{tp} committed offset went back {offset} -> {after[tp]}"

@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 from datetime import date
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -109,10 +109,15 @@ async def test_without_postgres_configured_the_list_is_a_503(redis, redis_url, k
 
 class Proxy:
     """A TCP proxy to PostgreSQL that a test can cut (every connection dropped, none accepted)
-    and restore on the same port."""
+    and restore on the same port. The server may listen on TCP or, as the embedded pgserver
+    does, only on a Unix socket (`?host=/dir` in its URL)."""
 
-    def __init__(self, host: str, port: int):
-        self.target = (host, port)
+    def __init__(self, database_url: str):
+        parts = urlsplit(database_url)
+        query = dict(parse_qsl(parts.query))
+        port = parts.port or int(query.get("port", 5432))
+        self.unix = None if parts.hostname else f"{query.get('host', '/var/run/postgresql')}/.s.PGSQL.{port}"
+        self.target = (parts.hostname or "", port)
         self.port = 0
         self.server: asyncio.Server | None = None
         self.links: set[asyncio.StreamWriter] = set()
@@ -123,7 +128,10 @@ class Proxy:
         return self
 
     async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(*self.target)
+        if self.unix:
+            server_r, server_w = await asyncio.open_unix_connection(self.unix)
+        else:
+            server_r, server_w = await asyncio.open_connection(*self.target)
         self.links |= {client_w, server_w}
 
         async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -145,13 +153,14 @@ class Proxy:
 
     def url(self, database_url: str) -> str:
         parts = urlsplit(database_url)
-        return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{self.port}"))
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{self.port}",
+                                         query=urlencode(query)))
 
 
 async def test_with_postgres_gone_the_list_is_a_503_until_it_is_back(redis, redis_url, keys, pg_url, store):
     await store.add(sig("600519.SH"))
-    parts = urlsplit(pg_url)
-    proxy = await Proxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    proxy = await Proxy(pg_url).start()
     try:
         async with edge_client(redis_url, keys, proxy.url(pg_url)) as session:
             assert (await buy_list(session, strategy="volume_wave"))[1]["count"] == 1

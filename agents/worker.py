@@ -33,6 +33,7 @@ import faust
 import mode
 from prometheus_client import Counter, Gauge, Histogram
 
+from agents import analytics
 from agents.join import (
     BadSignalChange,
     BadTick,
@@ -268,6 +269,11 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
         async for batch in batches:
             records = [(e.message.partition, e.message.offset, e.key, e.value) for e in batch]
             await joiner().join_ticks(records, lookup)
+
+    if settings.kline_enabled:
+        # the K-line agent reads the same ticks (agents/analytics.py); faust commits an offset
+        # once both agents have acked it
+        analytics.install(app, ticks, settings, partitions, lambda: joiner().client, arrived)
 
     @app.task
     async def freeze_startup_objects() -> None:

@@ -21,6 +21,7 @@ from typing import cast
 from edge import metrics
 from edge.conn import Outgoing
 from edge.frames import batch_of, price_update
+from edge.klines import KlineTails
 from edge.reader import Entries, Entry, Reader
 from edge.subscription import Subscription, outgoing
 from schemas.events import Tick
@@ -120,6 +121,7 @@ class Hub:
                                    group=(self.group, self.consumer), recover=self._recover,
                                    poll_ms=cluster_poll_ms)
         self.tick_reader = Reader("ticks", reader, client, handle=self._on_ticks, poll_ms=cluster_poll_ms)
+        self.klines = KlineTails(client, self.tick_reader)  # bar streams: plain reads, like ticks
 
     def _full(self) -> bool:
         return len(self.tails) + len(self.stock_tails) >= self.max_tails
@@ -238,6 +240,9 @@ class Hub:
 
     async def _on_ticks(self, got: Entries) -> None:
         for key, entries in got:
+            if key in self.klines:
+                self.klines.dispatch(key, entries)
+                continue
             stock_tail = self._stock_by_key.get(key)
             if stock_tail is not None:
                 for eid, fields in entries:
@@ -248,5 +253,6 @@ class Hub:
         await asyncio.gather(self.event_reader.stop(), self.tick_reader.stop())
         self.tails.clear()
         self.stock_tails.clear()
+        self.klines.subs.clear()
         self._tail_by_key.clear()
         self._stock_by_key.clear()

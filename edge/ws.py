@@ -10,11 +10,12 @@ import uuid
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from edge import metrics
+from edge import klines, metrics
 from edge.auth import OPEN, AuthError, Grant, token_from
 from edge.conn import Outgoing, Sender
 from edge.frames import batch_of, price_update
 from edge.hub import NodeFull
+from edge.klines import KlineSub
 from edge.subscription import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
@@ -59,6 +60,7 @@ class Session:
         self.sender = Sender(ws, client_id, s.edge_send_queue_bytes, transport=transport)
         self.bucket = TokenBucket(s.edge_rate_per_s, s.edge_rate_burst)
         self.subs: dict[tuple[str, str], Subscription] = {}
+        self.klines: dict[tuple[str, str], KlineSub] = {}  # (ts_code, interval) -> edge/klines.py
 
     def error(self, exc: ProtocolError) -> None:
         self.sender.send(exc.to_message())
@@ -109,6 +111,8 @@ class Session:
         return target, ""
 
     async def subscribe(self, msg: Subscribe) -> bool:
+        if msg.subscription_type == "kline":
+            return await klines.subscribe(self, msg)
         target, code = self._target(msg)
         if msg.subscription_type != "stock" and not self.grant.allows(target):
             _refuse("forbidden")
@@ -190,11 +194,15 @@ class Session:
 
     async def _drop(self, msg: Subscribe) -> None:
         """Forget a subscription that could not be set up."""
+        if msg.subscription_type == "kline":
+            return  # edge/klines.py forgets its own
         sub = self.subs.pop((msg.subscription_type, self._target(msg)[0]), None)
         if sub is not None:
             await self.state.hub.leave(sub)
 
     async def unsubscribe(self, msg: Unsubscribe) -> None:
+        if msg.subscription_type == "kline":
+            return await klines.unsubscribe(self, msg)
         target, _ = self._target(msg)
         sub = self.subs.pop((msg.subscription_type, target), None)
         if sub is not None:
@@ -212,6 +220,9 @@ class Session:
         for sub in self.subs.values():
             await self.state.hub.leave(sub)
         self.subs.clear()
+        for kline in self.klines.values():
+            await self.state.hub.klines.leave(kline)
+        self.klines.clear()
         await self.sender.stop()
 
 

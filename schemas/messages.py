@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from schemas.base import Frozen
 from schemas.events import PriceChange, Signal, Tick
+from schemas.klines import Bar, Interval
 from schemas.market import SHANGHAI, percent_change
 
 PROTOCOL_VERSION = 2
-SubscriptionType = Literal["strategy", "stock", "market"]
+SubscriptionType = Literal["strategy", "stock", "market", "kline"]
 RequestId = str | int | None
 
 
@@ -30,6 +31,7 @@ class Subscribe(ClientMessage):
     target: str = Field(min_length=1, max_length=64)
     last_event_id: str | None = Field(None, pattern=r"^\d+-\d+$", max_length=41)
     epoch: str | None = Field(None, max_length=64)
+    interval: Interval = Field("1m", description="kline subscriptions: the bar interval")
     id: RequestId = None
 
     @field_validator("last_event_id")
@@ -45,6 +47,7 @@ class Unsubscribe(ClientMessage):
     type: Literal["unsubscribe"]
     subscription_type: SubscriptionType = "strategy"
     target: str = Field(min_length=1, max_length=64)
+    interval: Interval = "1m"
     id: RequestId = None
 
 
@@ -82,6 +85,7 @@ class Subscribed(ServerMessage):
     event_id: str | None = Field(None, description="id of the newest event at subscribe time")
     recovered: bool = False
     replayed: int = 0
+    interval: Interval | None = Field(None, description="kline subscriptions: the bar interval")
     id: RequestId = None
 
 
@@ -160,6 +164,28 @@ class SignalUpdate(ServerMessage):
     event_id: str | None = None
 
 
+class KlineUpdate(ServerMessage):
+    """Bars of one stock: closed 1-minute bars as they close; a derived interval's bar as each
+    of its minutes closes (closed once its last minute is in). event_id: the newest minute's."""
+
+    type: Literal["kline_update"] = "kline_update"
+    target: str
+    interval: Interval
+    epoch: str | None = None
+    event_id: str | None = None
+    snapshot: bool = False
+    data: list[Bar]
+
+
+class KlineList(Frozen):
+    """`GET /api/stocks/{ts_code}/kline` (format=json)."""
+
+    ts_code: str
+    interval: Interval
+    covered: bool = Field(description="false: bars were trimmed from Redis and the archive cannot show none is missing")
+    bars: list[Bar]
+
+
 class SignalItem(Frozen):
     """One row of `GET /api/signals/buy`: a signal in the seed's list style (`code` beside `ts_code`)."""
 
@@ -227,11 +253,11 @@ class Error(ServerMessage):
 
 
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
-    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, Pong, Error,
+    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, KlineUpdate, Pong, Error,
 )
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (Subscribe, Unsubscribe, Ping)
 # HTTP API bodies with a schema of their own (the rest reuse the models above)
-HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList,)
+HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList, KlineList)
 
 
 class ProtocolError(ValueError):

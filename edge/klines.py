@@ -1,0 +1,287 @@
+"""`kline` subscriptions and the kline HTTP API: one stock's bars, pushed as they close.
+
+A subscription follows its stock's bar stream (`tw:kl:{klines.N}:CODE`) through the node's
+one plain reader (the hub's `tick_reader`, no consumer group: resume is by event id), one
+tail per stream however many clients watch it. Subscribe without `last_event_id`: the bars
+of the newest bar's trading day as a snapshot frame; with it (and the epoch it came from):
+every bar after it, then live ones, with no gap and no duplicate (live bars are buffered
+while the replay is read, then only those after the last id sent go out). 5m, 15m and 1d
+bars are derived from the 1-minute ones (schemas.klines.derive).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from aiohttp import web
+
+from edge import metrics
+from edge.conn import Outgoing, Sender
+from edge.reader import Entry, Reader
+from schemas.klines import INTERVALS, Bar, bucket, derive
+from schemas.market import SHANGHAI, InvalidCode, parse_ts_code
+from schemas.messages import ErrorCode, ProtocolError, Subscribe, Subscribed, Unsubscribe, Unsubscribed
+from streams.codec import parse_id
+from streams.connection import AnyRedis
+from streams.errors import CorruptEntry, translated
+from streams.klines import BarArchive, BarLog, bar_history, decode_bar
+
+if TYPE_CHECKING:
+    from edge.ws import Session
+
+log = logging.getLogger("tickwave.edge")
+Id = tuple[int, int]
+DAY_MS = 24 * 3600 * 1000
+LABEL = "*"  # kline subscriptions are counted together: codes are not a bounded label set
+CSV_FIELDS = ("ts_code", "interval", "start", "end", "open", "high", "low", "close", "volume", "amount", "count",
+              "closed", "event_id")
+
+
+def frame(code: str, interval: str, epoch: str | None, bars: list[Bar], *, snapshot: bool = False) -> str:
+    return orjson.dumps({
+        "type": "kline_update", "target": code, "interval": interval, "epoch": epoch,
+        "event_id": bars[-1].event_id if bars else None, "snapshot": snapshot,
+        "data": [b.model_dump(mode="json") for b in bars],
+    }).decode()
+
+
+@dataclass(eq=False)
+class KlineSub:
+    """One client's subscription to one stock's bars at one interval."""
+
+    code: str
+    interval: str
+    sender: Sender
+    key: str = ""
+    epoch: str | None = None
+    seen: Id | None = None
+    buffering: bool = True
+    buffer: list[Bar] = field(default_factory=list)
+    minutes: list[Bar] = field(default_factory=list)  # the 1-minute bars of the current derived bar
+
+    def bars_for(self, ones: list[Bar]) -> list[Bar]:
+        """The bars to send for new 1-minute bars: themselves, or each derived bar they changed."""
+        if self.interval == "1m":
+            return ones
+        out: list[Bar] = []
+        for one in ones:
+            if self.minutes and bucket(self.minutes[0].start, self.interval) != bucket(one.start, self.interval):
+                self.minutes = []
+            self.minutes.append(one)
+            latest = derive(self.minutes, self.interval)[-1]
+            if out and out[-1].start == latest.start:
+                out[-1] = latest
+            else:
+                out.append(latest)
+        return out
+
+    def deliver(self, bars: list[Bar]) -> None:
+        if self.buffering:
+            self.buffer.extend(bars)
+            return
+        fresh = [b for b in bars if self.seen is None or parse_id(b.event_id or "0-0") > self.seen]
+        if not fresh:
+            return
+        self.seen = parse_id(fresh[-1].event_id or "0-0")
+        self.sender.put(Outgoing(frame(self.code, self.interval, self.epoch, self.bars_for(fresh)), "kline_update"),
+                        may_conflate=False)
+
+    def go_live(self, seen: Id | None) -> None:
+        self.seen, self.buffering = seen, False
+        pending, self.buffer = self.buffer, []
+        if pending:
+            self.deliver(pending)
+
+
+class KlineTails:
+    """The node's bar-stream tails: stream key -> its subscribers, read by the hub's plain reader."""
+
+    def __init__(self, client: AnyRedis, reader: Reader):
+        self.client, self.reader = client, reader
+        self.subs: dict[str, set[KlineSub]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.subs
+
+    async def join(self, sub: KlineSub) -> None:
+        started = sub.key not in self.subs
+        if started:
+            with translated(f"tail of {sub.key}"):
+                newest = cast(list[Entry], await self.client.xrevrange(sub.key, count=1))
+            # from the newest entry now, as an id: bars from here on, none skipped between reads
+            self.reader.follow(sub.key, newest[0][0].decode() if newest else "0-0")
+        self.subs.setdefault(sub.key, set()).add(sub)
+        metrics.SUBSCRIPTIONS.labels("kline", LABEL).inc()
+        if started:
+            await self.reader.interrupt()
+
+    async def leave(self, sub: KlineSub) -> None:
+        subs = self.subs.get(sub.key)
+        if not subs or sub not in subs:
+            return
+        subs.discard(sub)
+        metrics.SUBSCRIPTIONS.labels("kline", LABEL).dec()
+        if not subs:
+            del self.subs[sub.key]
+            self.reader.unfollow(sub.key)
+            await self.reader.interrupt()
+
+    def dispatch(self, key: str, entries: list[Entry]) -> None:
+        bars = []
+        for eid, fields in entries:
+            try:
+                bars.append(decode_bar(eid, fields))
+            except CorruptEntry:
+                metrics.REFUSALS.labels("corrupt_bar").inc()
+        for sub in list(self.subs.get(key, ())):
+            sub.deliver(bars)
+
+
+def _code(raw: str, request_id: Any = None) -> str:
+    try:
+        return parse_ts_code(raw)
+    except InvalidCode as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), {"field": "target"}, request_id) from None
+
+
+async def subscribe(session: Session, msg: Subscribe) -> bool:
+    """A `kline` subscribe: follow the stock's bar stream, then replay or snapshot."""
+    st = session.state
+    code = _code(msg.target, msg.id)
+    if not session.grant.allows(code):
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"this token may not subscribe to {code!r}", {"target": code}, msg.id)
+    old = session.klines.pop((code, msg.interval), None)
+    if old is not None:
+        await st.hub.klines.leave(old)
+    elif len(session.subs) + len(session.klines) >= st.settings.edge_max_subscriptions:
+        raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                            f"at most {st.settings.edge_max_subscriptions} subscriptions", None, msg.id)
+    partitions = await st.hub.tick_partitions()
+    log_ = BarLog(st.client, st.keys)
+    sub = KlineSub(code, msg.interval, session.sender, key=log_.stream_key(code, partitions))
+    await st.hub.klines.join(sub)  # live bars buffer from here on
+    session.klines[(code, msg.interval)] = sub
+    try:
+        await _replay_or_snapshot(session, sub, msg, log_, partitions)
+    except Exception:
+        session.klines.pop((code, msg.interval), None)
+        await st.hub.klines.leave(sub)
+        raise
+    return True
+
+
+async def _replay_or_snapshot(session: Session, sub: KlineSub, msg: Subscribe, log_: BarLog, partitions: int) -> None:
+    st = session.state
+    archive = BarArchive(st.pool) if st.pool is not None else None
+    from streams.partition import partition_for
+
+    sub.epoch = await log_.epoch(partition_for(sub.code, partitions))
+    if msg.last_event_id and sub.epoch is not None and msg.epoch in (None, sub.epoch):
+        last = parse_id(msg.last_event_id)
+        # from a day of appends before it: what a derived bar the client saw may still need
+        got = await bar_history(log_, archive, sub.code, partitions, after_id=f"{max(0, last[0] - DAY_MS)}-0")
+        if got.covered:
+            done = [b for b in got.bars if parse_id(b.event_id or "0-0") <= last]
+            replay = [b for b in got.bars if parse_id(b.event_id or "0-0") > last]
+            if replay and done and sub.interval != "1m":
+                # the derived bar the client last saw continues: seed it with its earlier minutes
+                current = bucket(replay[0].start, sub.interval)
+                sub.minutes = [b for b in done if bucket(b.start, sub.interval) == current]
+            metrics.RESUMES.labels("true").inc()
+            metrics.REPLAYED.inc(len(replay))
+            newest = replay[-1].event_id if replay else msg.last_event_id
+            session.sender.send(Subscribed(subscription_type="kline", target=sub.code, epoch=sub.epoch,
+                                           event_id=newest, recovered=True, replayed=len(replay),
+                                           interval=sub.interval, id=msg.id))
+            for start in range(0, len(replay), 500):
+                part = sub.bars_for(replay[start:start + 500])
+                text = frame(sub.code, sub.interval, sub.epoch, part)
+                if not await session.sender.wait_room(len(text)):
+                    return
+                session.sender.put(Outgoing(text, "replay"), may_conflate=False)
+            sub.go_live(parse_id(newest) if newest else None)
+            return
+        metrics.RESUMES.labels("false").inc()
+    day = await log_.day_of_newest(sub.key)
+    newest_id = await log_.newest_id(sub.key)
+    # the newest id first, then the day: a bar appended in between is both in the snapshot and
+    # live (the live copy is left out: it is not after the snapshot's last id)
+    session.sender.send(Subscribed(subscription_type="kline", target=sub.code, epoch=sub.epoch,
+                                   event_id=newest_id, interval=sub.interval, id=msg.id))
+    shown = derive(day, sub.interval)
+    if sub.interval != "1m" and day:
+        current = bucket(day[-1].start, sub.interval)
+        sub.minutes = [b for b in day if bucket(b.start, sub.interval) == current]
+    session.sender.put(Outgoing(frame(sub.code, sub.interval, sub.epoch, shown, snapshot=True), "kline_update"),
+                       may_conflate=False)
+    last_sent = day[-1].event_id if day else newest_id
+    sub.go_live(parse_id(last_sent) if last_sent else None)
+
+
+async def unsubscribe(session: Session, msg: Unsubscribe) -> None:
+    code = _code(msg.target, msg.id)
+    sub = session.klines.pop((code, msg.interval), None)
+    if sub is not None:
+        await session.state.hub.klines.leave(sub)
+    session.sender.send(Unsubscribed(subscription_type="kline", target=msg.target, id=msg.id))
+
+
+def _bound(raw: str | None, name: str) -> tuple[str | None, datetime | None]:
+    """An event id or an ISO time (naive: Beijing time)."""
+    if not raw:
+        return None, None
+    try:
+        parse_id(raw)
+        return raw, None
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=orjson.dumps({"error": f"{name} must be an event id or an ISO time"}).decode(),
+                                 content_type="application/json") from None
+    return None, moment if moment.tzinfo else moment.replace(tzinfo=SHANGHAI)
+
+
+async def kline_api(request: web.Request) -> web.StreamResponse:
+    """GET /api/stocks/{ts_code}/kline?interval=1m&since=&until=&format=json|csv"""
+    from edge.state import state_key
+
+    st = request.app[state_key]
+
+    def bad(message: str) -> web.Response:
+        return web.json_response({"error": message}, status=400)
+
+    try:
+        code = parse_ts_code(request.match_info["ts_code"])
+    except InvalidCode as exc:
+        return bad(str(exc))
+    interval = request.query.get("interval", "1m")
+    if interval not in INTERVALS:
+        return bad(f"interval must be one of {', '.join(INTERVALS)}")
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        return bad("format must be json or csv")
+    since_id, since = _bound(request.query.get("since"), "since")
+    until_id, until = _bound(request.query.get("until"), "until")
+    archive = BarArchive(st.pool) if st.pool is not None else None
+    got = await bar_history(BarLog(st.client, st.keys), archive, code, await st.hub.tick_partitions(),
+                            after_id=since_id, since=since, until=until, until_id=until_id)
+    bars = derive(got.bars, interval)
+    if fmt == "json":
+        return web.Response(body=orjson.dumps({"ts_code": code, "interval": interval, "covered": got.covered,
+                                               "bars": [b.model_dump(mode="json") for b in bars]}),
+                            content_type="application/json")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for b in bars:
+        writer.writerow(b.model_dump(mode="json"))
+    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
+                        headers={"X-Covered": "true" if got.covered else "false"})

@@ -17,6 +17,8 @@ from schemas.messages import (
     Pong,
     PriceItem,
     SignalItem,
+    KlineList,
+    KlineUpdate,
     SignalList,
     signal_row,
     PriceUpdate,
@@ -28,6 +30,8 @@ from schemas.messages import (
     Unsubscribed,
     parse_client_message,
 )
+
+from schemas.klines import Bar, derive  # noqa: E402
 
 NOW = datetime(2026, 11, 24, 10, 30, 3, tzinfo=SHANGHAI)
 
@@ -45,6 +49,9 @@ SIGNAL = Signal(strategy="volume_wave", ts_code="600519.SH", name="贵州茅台"
                 signal_price=1480.0, confidence=0.8, reason="volume breakout")
 PRICE = PriceChange.from_tick(make_tick(), SIGNAL, ingest_time=NOW, partition=3, offset=42)
 
+BAR = Bar(ts_code="600519.SH", start=NOW.replace(second=0), end=NOW.replace(second=0, minute=31), open=1520.0,
+          high=1525.0, low=1519.0, close=1521.5, volume=12_300, amount=18_702_450.5, count=20, event_id="3-0")
+
 SAMPLES = [
     make_tick(),
     SIGNAL,
@@ -60,6 +67,8 @@ SAMPLES = [
     SignalUpdate(action="add", data=[SIGNAL], count=1, target="volume_wave", event_id="2-0"),
     Pong(id=3),
     SignalList(strategy="volume_wave", data=[SignalItem.model_validate(signal_row(SIGNAL.model_dump()))], count=1),
+    KlineUpdate(target="600519.SH", interval="1m", epoch="e", event_id="3-0", data=[BAR]),
+    KlineList(ts_code="600519.SH", interval="5m", covered=True, bars=derive([BAR], "5m")),
     Error(error="bad", details={"field": "target"}, code=ErrorCode.BAD_MESSAGE),  # last: tests read SAMPLES[-1]
 ]
 

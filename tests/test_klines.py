@@ -95,3 +95,25 @@ async def test_a_worker_killed_mid_minute_and_restarted_emits_every_bar_once_wit
 
 async def _some(redis, keys) -> bool:
     return await _count(redis, keys, CODES) > 0
+
+
+async def test_the_append_script_skips_a_bar_appended_before(redis, keys):
+    """A worker killed after appending a bar but before its table write replays the tick that
+    closed it: the second append of the same (stock, start) is fenced, whatever else comes with it."""
+    from datetime import timedelta
+
+    from streams.klines import BarLog
+    from tests.kline_harness import DAY
+    from schemas.klines import Bar
+
+    def one(code: str, minute: int, close: float) -> Bar:
+        start = DAY.replace(hour=10, minute=minute)
+        return Bar(ts_code=code, start=start, end=start + timedelta(minutes=1), open=10, high=11, low=9,
+                   close=close, volume=100, amount=1000.0, count=2)
+
+    log = BarLog(redis, keys, hold=False)
+    first = await log.append(1, [one(CODES[0], 0, 10.0), one(CODES[1], 0, 10.0)])
+    again = await log.append(1, [one(CODES[0], 0, 10.5), one(CODES[1], 1, 10.0), one(CODES[0], 1, 10.0)])
+    assert all(first) and again[0] is None and again[1] and again[2]
+    closes = [b.close for b in await log.read(keys.kline(1, CODES[0]))]
+    assert closes == [10.0, 10.0], "the replayed bar replaced or joined the first"

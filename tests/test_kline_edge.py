@@ -51,10 +51,10 @@ async def test_a_kline_subscriber_that_reconnects_resumes_with_no_gap_and_no_dup
 
     async def writer() -> None:
         nonlocal minute
-        while not stop.is_set() and minute < 60:
+        while not stop.is_set() and minute < 400:
             await append(log, [bar(CODE, minute), bar(OTHER, minute)])
             minute += 1
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.002)
 
     async with running_edge(edge_settings(redis_url, keys)) as base:
         async with ws_client(base) as first:
@@ -69,7 +69,7 @@ async def test_a_kline_subscriber_that_reconnects_resumes_with_no_gap_and_no_dup
             await first.next(type="kline_update", timeout=5)
         seen = bar_ids(first.frames, CODE)
         await asyncio.sleep(0.2)  # bars appended while the client is away
-        assert minute < 60, "the writer finished before the disconnect"  # bars are written while away
+        assert minute < 400, "the writer finished before the disconnect"  # bars are written while away
         async with ws_client(base) as second:
             await second.next(type="connected")
             await second.send({"type": "subscribe", "subscription_type": "kline", "target": CODE,

@@ -1,4 +1,9 @@
-"""The K-line agent: 1-minute bars of every stock from the ticks topic, in the worker app.
+"""The K-line bars: 1-minute bars of every stock from the ticks topic, in the worker app.
+
+They are made in the join agent's loop, from the batches of ticks it takes (agents/worker.py
+calls what `install` returns before it acks a batch): a second faust agent on the same topic
+paid faust's per-message delivery and stream iteration a second time, about 100 µs of worker
+CPU per tick at 2,000 ticks/s (bench/analytics.py, docs/benchmarks.md).
 
 The open bar of each stock lives in the faust table `kline-bars` (ts_code -> the state of
 agents/klines.py), a plain table keyed by stock rather than faust's tumbling-window table:
@@ -27,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import faust
@@ -68,7 +73,7 @@ class Klines:
     (and its changelog); both are the table's, given by the app."""
 
     def __init__(self, bars: BarLog, partitions: int, *, mode: SessionMode, grace_ms: int,
-                 load: Callable[[str], State | None], save: Callable[[int, str, State], None],
+                 load: Callable[[str], State | None], save: Callable[[int, str, State], Awaitable[None]],
                  stored: Callable[[], Iterable[tuple[str, State]]]):
         self.bars, self.partitions, self.mode, self.grace_ms = bars, partitions, mode, grace_ms
         self.load, self.save, self.stored = load, save, stored
@@ -139,9 +144,12 @@ class Klines:
             # the clock moved: close the partition's other bars it passed
             swept = {p: self._sweep(p, self.clock[p], changed) for p in {p for p, _ in changed.values()}}
             appended += await self._append({p: b for p, b in swept.items() if b}, "clock")
-            for code, (partition, state) in changed.items():
-                self.save(partition, code, state)
+            await self._saved(changed)
             return appended
+
+    async def _saved(self, changed: dict[str, tuple[int, State]]) -> None:
+        for code, (partition, state) in changed.items():
+            await self.save(partition, code, state)
 
     def _sweep(self, partition: int, clock_ms: int, changed: dict[str, tuple[int, State]]) -> list[Bar]:
         """Close the partition's bars due by `clock_ms`; their new states go into `changed`."""
@@ -181,8 +189,7 @@ class Klines:
                     estimate = self.clock[p] + int((now - self.seen_at[p]) * 1000)
                     swept[p] = self._sweep(p, estimate, changed)
             appended = await self._append({p: b for p, b in swept.items() if b}, "clock")
-            for code, (partition, state) in changed.items():
-                self.save(partition, code, state)
+            await self._saved(changed)
             return appended
 
     async def _append(self, closing: dict[int, list[Bar]], closed_by: str) -> int:
@@ -217,19 +224,27 @@ class Klines:
 
 
 def install(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, partitions: int,
-            client: Callable[[], AnyRedis], batches: Callable[[faust.StreamT[bytes], int], Any]) -> None:
-    """Add the K-line agent, its table and its clock timer to the worker app. `client()` gives
-    the worker's Redis client (made inside its loop); `batches` is the join's batching of a stream."""
+            client: Callable[[], AnyRedis]) -> Callable[[Sequence[Record]], Awaitable[int]]:
+    """Add the K-line table and its clock timer to the worker app; returns what the join agent
+    calls with each batch of tick records it took (before it acks them). `client()` gives the
+    worker's Redis client (made inside its loop)."""
     table = app.Table(TABLE, default=None, partitions=partitions)
     state: dict[str, Klines] = {}
 
-    def save(partition: int, code: str, value: State) -> None:
+    async def save(partition: int, code: str, value: State) -> None:
         # not table[code] = value: a timer has no current event to take the partition from
         table.data[code] = value
         key_partition = getattr(table.data, "_key_partition", None)
         if key_partition is not None:  # the memory store forgets revoked partitions' keys by it
             key_partition[code] = partition
-        table.send_changelog(partition, code, value)
+        # the changelog record as table.send_changelog makes it, queued on the producer itself:
+        # faust's Topic.send_soon path (a FutureMessage, its buffer and callbacks) cost about a
+        # tenth of the worker's CPU at one record per tick (py-spy, bench/analytics.py). Queued
+        # before the batch is acked, and faust flushes the producer before it commits.
+        topic = table.changelog_topic
+        key, _ = topic.prepare_key(code, table.key_serializer)  # type: ignore[attr-defined]  # on Collection, not TableT
+        data, _ = topic.prepare_value(value, table.value_serializer)  # type: ignore[attr-defined]
+        await app.producer.send(topic.get_topic_name(), key, data, partition, None, None)
 
     def klines() -> Klines:
         if "k" not in state:
@@ -240,11 +255,8 @@ def install(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, parti
                                 stored=lambda: list(table.data.items()))
         return state["k"]
 
-    @app.agent(ticks, name="klines")
-    async def kline_agent(stream: faust.StreamT[bytes]) -> None:
-        async for batch in batches(stream, settings.worker_batch):
-            records = [(e.message.partition, e.message.offset, e.key, e.value) for e in batch]
-            await klines().apply(records)
+    async def apply(records: Sequence[Record]) -> int:
+        return await klines().apply(records)
 
     async def caught_up(candidates: list[int]) -> list[int]:
         k = klines()
@@ -282,4 +294,6 @@ def install(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, parti
         async def on_stop(self) -> None:
             if "k" in state:
                 state["k"].stopping = True
+
+    return apply
 

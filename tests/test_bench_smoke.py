@@ -48,6 +48,11 @@ SMOKES = {
     "signals api": Smoke("python -m bench.signals_api --signals 50 --requests 120",
                          ("GET /api/signals/buy p50", "GET /api/signals/buy p99"), database=True),
     "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
+    # 300 stocks at 300 ticks/s, a minute of the tick clock every 2 s: 2-3 minutes close per phase
+    "analytics": Smoke("python -m bench.analytics --stocks 300 --signalled 30 --rate 300 --seconds 6 --speed 30 "
+                       "--subscribers 3", ("(a) worker CPU", "(b) bar close"),
+                       lines=(r"^ +K-line +p50 .* [1-9]\d* closed bars received of \d+ owed, 0 duplicated$",
+                              r"^ +baseline +p50 .* [1-9]\d* closed bars received of \d+ owed, 0 duplicated$")),
     # every part at once: a 300-stock market, 600-tick bursts, 1 s paced phases, 6 clients in 2 processes
     "pipeline": Smoke("python -m bench.pipeline --stocks 300 --signalled 30 --ticks 600 --rate 300 --seconds 1 "
                       "--clients 6 --client-procs 2",

@@ -40,7 +40,7 @@ import mode
 from prometheus_client import Counter, Gauge, Histogram
 
 from agents.join import BadTick, parse_tick
-from agents.klines import State, apply_tick, close_bar, due_ms
+from agents.klines import State, apply_tick, close_bar, due_ms, open_bar
 from agents.settings import WorkerSettings
 from schemas.klines import Bar, SessionMode, bar_deadline
 from streams.connection import AnyRedis
@@ -61,6 +61,8 @@ CLOSE_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 OPEN_BARS = Gauge("tickwave_kline_open_bars", "Stocks with an open 1-minute bar in this worker's partitions")
+LIVE_BARS = Counter("tickwave_kline_live_bars_total", "Live partial 1-minute bars published (at most one per "
+                    "stock per TICKWAVE_KLINE_LIVE_S)")
 APPEND_RETRIES = Counter("tickwave_kline_append_retries_total", "Bar appends retried after Redis was unavailable")
 
 Record = tuple[int, int, bytes | None, bytes | None]  # partition, offset, key, value
@@ -82,11 +84,12 @@ class Klines:
         self.seen_at: dict[int, float] = {}  # partition -> wall time (s) its clock last moved
         self.processed: dict[int, int] = {}  # partition -> last offset applied
         self.open: dict[int, dict[str, int]] = {}  # partition -> code -> when its open bar is due (ms)
+        self.live: dict[int, set[str]] = {}  # partition -> codes whose open bar changed since last published
         self.stopping = False
 
     def forget(self, keep: set[int]) -> None:
         """Drop what is known of partitions this worker no longer holds."""
-        for known in (self.clock, self.seen_at, self.processed, self.open):
+        for known in (self.clock, self.seen_at, self.processed, self.open, self.live):
             for p in [p for p in known if p not in keep]:
                 del known[p]
 
@@ -148,8 +151,30 @@ class Klines:
             return appended
 
     async def _saved(self, changed: dict[str, tuple[int, State]]) -> None:
+        """Write the changed states, and note whose open bar changed for the live stream."""
         for code, (partition, state) in changed.items():
             await self.save(partition, code, state)
+            live = self.live.setdefault(partition, set())
+            if state.get("bar"):
+                live.add(code)
+            else:
+                live.discard(code)
+
+    async def publish_live(self) -> int:
+        """Publish the open bars that changed since the last call, one entry per partition (so
+        each stock's partial bar goes out at most once per call); returns how many."""
+        async with self.lock:  # held: a partial bar is published before its bar's close is
+            pending, self.live = self.live, {}
+            out = {p: [b for b in (open_bar(c, self.load(c)) for c in sorted(codes)) if b is not None]
+                   for p, codes in pending.items() if codes}
+            try:
+                await asyncio.gather(*(self.bars.publish_open(p, bars) for p, bars in out.items() if bars))
+            except StreamUnavailable:
+                return 0  # a partial bar is superseded by the next one: nothing to hold
+        n = sum(map(len, out.values()))
+        if n:
+            LIVE_BARS.inc(n)
+        return n
 
     def _sweep(self, partition: int, clock_ms: int, changed: dict[str, tuple[int, State]]) -> list[Bar]:
         """Close the partition's bars due by `clock_ms`; their new states go into `changed`."""
@@ -274,6 +299,8 @@ def install(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, parti
                 ready.append(tp.partition)
         return ready
 
+    published = [0.0]  # monotonic time the live partial bars were last published
+
     @app.timer(interval=settings.kline_timer_s)
     async def kline_clock(app: faust.App) -> None:
         if app.rebalancing or not app.consumer.assignment():
@@ -282,6 +309,10 @@ def install(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, parti
         k.forget({tp.partition for tp in app.consumer.assignment() if tp.topic == ticks.get_topic_name()})
         try:
             await k.tick_clock(caught_up)
+            now = time.monotonic()
+            if settings.kline_live_s and now - published[0] >= settings.kline_live_s:
+                published[0] = now
+                await k.publish_live()
         except StreamsError as exc:
             # an exception in a faust timer crashes the worker: a Redis outage only delays a close
             log.info("bars not closed by the clock: redis unavailable", extra={"error": str(exc)})

@@ -49,16 +49,23 @@ def new_state() -> State:
     return {"day": None, "vol": 0, "amt": 0.0, "off": -1, "t": 0, "last": None, "bar": None}
 
 
+def open_bar(ts_code: str, state: State | None, *, closed: bool = False) -> Bar | None:
+    """The stock's open bar as it stands (a live partial bar, `closed` False), or None."""
+    current = state.get("bar") if state else None
+    if not current or state is None:
+        return None
+    start = _at(current["s"])
+    return Bar(ts_code=ts_code, start=start, end=start + MINUTE, open=current["o"], high=current["h"],
+               low=current["l"], close=current["c"], volume=state["vol"] - current["v0"],
+               amount=round(state["amt"] - current["a0"], 2), count=current["n"], closed=closed)
+
+
 def close_bar(ts_code: str, state: State) -> tuple[State, Bar | None]:
     """The state with its open bar closed, and that bar (None when none was open)."""
-    open_bar = state.get("bar")
-    if not open_bar:
+    bar = open_bar(ts_code, state, closed=True)
+    if bar is None:
         return state, None
-    start = _at(open_bar["s"])
-    bar = Bar(ts_code=ts_code, start=start, end=start + MINUTE, open=open_bar["o"], high=open_bar["h"],
-              low=open_bar["l"], close=open_bar["c"], volume=state["vol"] - open_bar["v0"],
-              amount=round(state["amt"] - open_bar["a0"], 2), count=open_bar["n"])
-    return {**state, "bar": None, "last": open_bar["s"]}, bar
+    return {**state, "bar": None, "last": state["bar"]["s"]}, bar
 
 
 def apply_tick(state: State | None, tick: Tick, offset: int, mode: SessionMode = "exchange") -> Outcome:
@@ -79,24 +86,24 @@ def apply_tick(state: State | None, tick: Tick, offset: int, mode: SessionMode =
             closed.append(bar)
         state.update(day=day, vol=0, amt=0.0, last=None)
     start_ms = _ms(start)
-    open_bar = state["bar"]
-    if open_bar and start_ms > open_bar["s"]:
+    current = state["bar"]
+    if current and start_ms > current["s"]:
         state, bar = close_bar(tick.ts_code, state)
         closed.append(bar)  # type: ignore[arg-type]  # an open bar closes into a bar
-        open_bar = None
-    if (open_bar and start_ms < open_bar["s"]) or (not open_bar and state["last"] is not None
+        current = None
+    if (current and start_ms < current["s"]) or (not current and state["last"] is not None
                                                    and start_ms <= state["last"]):
         return Outcome(state, tuple(closed), "late")
-    if not open_bar:
-        open_bar = {"s": start_ms, "o": tick.price, "h": tick.price, "l": tick.price, "c": tick.price, "n": 0,
+    if not current:
+        current = {"s": start_ms, "o": tick.price, "h": tick.price, "l": tick.price, "c": tick.price, "n": 0,
                     "v0": state["vol"], "a0": state["amt"]}
     else:
-        open_bar = dict(open_bar)
-    open_bar["h"] = max(open_bar["h"], tick.price)
-    open_bar["l"] = min(open_bar["l"], tick.price)
-    open_bar["c"] = tick.price
-    open_bar["n"] += 1
-    state["bar"] = open_bar
+        current = dict(current)
+    current["h"] = max(current["h"], tick.price)
+    current["l"] = min(current["l"], tick.price)
+    current["c"] = tick.price
+    current["n"] += 1
+    state["bar"] = current
     state["vol"] = max(state["vol"], tick.volume)
     state["amt"] = max(state["amt"], tick.amount)
     return Outcome(state, tuple(closed), "applied")
@@ -104,7 +111,7 @@ def apply_tick(state: State | None, tick: Tick, offset: int, mode: SessionMode =
 
 def due_ms(state: State, grace_ms: int, mode: SessionMode = "exchange") -> int | None:
     """When (tick-time ms) the stock's open bar closes by the clock, or None when none is open."""
-    open_bar = state.get("bar")
-    if not open_bar:
+    current = state.get("bar")
+    if not current:
         return None
-    return _ms(bar_deadline(_at(open_bar["s"]), mode) + timedelta(milliseconds=grace_ms))
+    return _ms(bar_deadline(_at(current["s"]), mode) + timedelta(milliseconds=grace_ms))

@@ -78,6 +78,9 @@ class WorkerSettings(EventsSettings):
                     "other stocks stamped slightly earlier still count)")
     kline_maxlen: int = Field(480, ge=0, description="1-minute bars kept in Redis per stock (0: all)")
     kline_timer_s: float = Field(0.05, gt=0, le=5, description="how often quiet partitions' bars are closed by the clock")
+    kline_live_s: float = Field(
+        1.0, ge=0, le=60, description="how often the open 1-minute bars that changed are published to kline "
+                                      "subscribers as live partial bars (closed: false); 0: never")
 
 
 class RelaySettings(CommonSettings):

@@ -29,8 +29,9 @@ from schemas.market import SHANGHAI, InvalidCode, parse_ts_code
 from schemas.messages import ErrorCode, ProtocolError, Subscribe, Subscribed, Unsubscribe, Unsubscribed
 from streams.codec import parse_id
 from streams.connection import AnyRedis
+from streams.partition import partition_for
 from streams.errors import CorruptEntry, translated
-from streams.klines import BarArchive, BarLog, bar_history, decode_bar
+from streams.klines import BarArchive, BarLog, bar_history, decode_bar, decode_open
 
 if TYPE_CHECKING:
     from edge.ws import Session
@@ -43,10 +44,13 @@ CSV_FIELDS = ("ts_code", "interval", "start", "end", "open", "high", "low", "clo
               "closed", "event_id")
 
 
-def frame(code: str, interval: str, epoch: str | None, bars: list[Bar], *, snapshot: bool = False) -> str:
+def frame(code: str, interval: str, epoch: str | None, bars: list[Bar], *, snapshot: bool = False,
+          event_id: str | None = None) -> str:
+    """`event_id`: the frame's, when not its last bar's (a live partial bar has none: the frame
+    carries the last closed bar's id sent, where a reconnecting client resumes)."""
     return orjson.dumps({
         "type": "kline_update", "target": code, "interval": interval, "epoch": epoch,
-        "event_id": bars[-1].event_id if bars else None, "snapshot": snapshot,
+        "event_id": event_id or (bars[-1].event_id if bars else None), "snapshot": snapshot,
         "data": [b.model_dump(mode="json") for b in bars],
     }).decode()
 
@@ -59,8 +63,11 @@ class KlineSub:
     interval: str
     sender: Sender
     key: str = ""
+    live_key: str = ""  # the partition's live stream of partial bars
     epoch: str | None = None
     seen: Id | None = None
+    last_id: str | None = None  # the newest closed bar's id sent (or shown in the snapshot)
+    last_start: datetime | None = None  # and its start: partial bars up to it are stale
     buffering: bool = True
     buffer: list[Bar] = field(default_factory=list)
     minutes: list[Bar] = field(default_factory=list)  # the 1-minute bars of the current derived bar
@@ -89,8 +96,21 @@ class KlineSub:
         if not fresh:
             return
         self.seen = parse_id(fresh[-1].event_id or "0-0")
+        self.last_id, self.last_start = fresh[-1].event_id, max(b.start for b in fresh)
         self.sender.put(Outgoing(frame(self.code, self.interval, self.epoch, self.bars_for(fresh)), "kline_update"),
                         may_conflate=False)
+
+    def partial(self, bar: Bar) -> None:
+        """A live partial 1-minute bar: sent as itself, or as the derived bar it makes so far."""
+        if self.buffering or (self.last_start is not None and bar.start <= self.last_start):
+            return  # before the subscription is live, or a bar already closed
+        shown = bar
+        if self.interval != "1m":
+            current = bucket(bar.start, self.interval)
+            minutes = [m for m in self.minutes if bucket(m.start, self.interval) == current]
+            shown = derive([*minutes, bar], self.interval)[-1].model_copy(update={"closed": False, "event_id": None})
+        self.sender.put(Outgoing(frame(self.code, self.interval, self.epoch, [shown], event_id=self.last_id),
+                                 "kline_update"), may_conflate=False)
 
     def go_live(self, seen: Id | None) -> None:
         self.seen, self.buffering = seen, False
@@ -105,17 +125,31 @@ class KlineTails:
     def __init__(self, client: AnyRedis, reader: Reader):
         self.client, self.reader = client, reader
         self.subs: dict[str, set[KlineSub]] = {}
+        self.key_of: dict[str, str] = {}  # ts_code -> its bar stream key, for the followed ones
+        self.live: dict[str, int] = {}  # live stream key -> followed bar streams in its partition
 
     def __contains__(self, key: str) -> bool:
-        return key in self.subs
+        return key in self.subs or key in self.live
+
+    def __len__(self) -> int:
+        """Streams followed: bar streams and live streams (each a tail of the node's reader)."""
+        return len(self.subs) + len(self.live)
+
+    async def _follow_from_newest(self, key: str) -> None:
+        with translated(f"tail of {key}"):
+            newest = cast(list[Entry], await self.client.xrevrange(key, count=1))
+        # from the newest entry now, as an id: entries from here on, none skipped between reads
+        self.reader.follow(key, newest[0][0].decode() if newest else "0-0")
 
     async def join(self, sub: KlineSub) -> None:
         started = sub.key not in self.subs
         if started:
-            with translated(f"tail of {sub.key}"):
-                newest = cast(list[Entry], await self.client.xrevrange(sub.key, count=1))
-            # from the newest entry now, as an id: bars from here on, none skipped between reads
-            self.reader.follow(sub.key, newest[0][0].decode() if newest else "0-0")
+            await self._follow_from_newest(sub.key)
+            if sub.live_key and sub.live_key not in self.live:
+                await self._follow_from_newest(sub.live_key)
+            if sub.live_key:
+                self.live[sub.live_key] = self.live.get(sub.live_key, 0) + 1
+            self.key_of[sub.code] = sub.key
         self.subs.setdefault(sub.key, set()).add(sub)
         metrics.SUBSCRIPTIONS.labels("kline", LABEL).inc()
         if started:
@@ -129,10 +163,27 @@ class KlineTails:
         metrics.SUBSCRIPTIONS.labels("kline", LABEL).dec()
         if not subs:
             del self.subs[sub.key]
+            self.key_of.pop(sub.code, None)
             self.reader.unfollow(sub.key)
+            if sub.live_key in self.live:
+                self.live[sub.live_key] -= 1
+                if not self.live[sub.live_key]:
+                    del self.live[sub.live_key]
+                    self.reader.unfollow(sub.live_key)
             await self.reader.interrupt()
 
     def dispatch(self, key: str, entries: list[Entry]) -> None:
+        if key in self.live:
+            for eid, fields in entries:
+                try:
+                    partials = decode_open(eid, fields, self.key_of)
+                except CorruptEntry:
+                    metrics.REFUSALS.labels("corrupt_bar").inc()
+                    continue
+                for bar in partials:
+                    for sub in list(self.subs.get(self.key_of.get(bar.ts_code, ""), ())):
+                        sub.partial(bar)
+            return
         bars = []
         for eid, fields in entries:
             try:
@@ -164,7 +215,8 @@ async def subscribe(session: Session, msg: Subscribe) -> bool:
                             f"at most {st.settings.edge_max_subscriptions} subscriptions", None, msg.id)
     partitions = await st.hub.tick_partitions()
     log_ = BarLog(st.client, st.keys)
-    sub = KlineSub(code, msg.interval, session.sender, key=log_.stream_key(code, partitions))
+    sub = KlineSub(code, msg.interval, session.sender, key=log_.stream_key(code, partitions),
+                   live_key=st.keys.kline_live(partition_for(code, partitions)))
     await st.hub.klines.join(sub)  # live bars buffer from here on
     session.klines[(code, msg.interval)] = sub
     try:
@@ -179,8 +231,6 @@ async def subscribe(session: Session, msg: Subscribe) -> bool:
 async def _replay_or_snapshot(session: Session, sub: KlineSub, msg: Subscribe, log_: BarLog, partitions: int) -> None:
     st = session.state
     archive = BarArchive(st.pool) if st.pool is not None else None
-    from streams.partition import partition_for
-
     sub.epoch = await log_.epoch(partition_for(sub.code, partitions))
     if msg.last_event_id and sub.epoch is not None and msg.epoch in (None, sub.epoch):
         last = parse_id(msg.last_event_id)
@@ -196,6 +246,8 @@ async def _replay_or_snapshot(session: Session, sub: KlineSub, msg: Subscribe, l
             metrics.RESUMES.labels("true").inc()
             metrics.REPLAYED.inc(len(replay))
             newest = replay[-1].event_id if replay else msg.last_event_id
+            shown_last = replay[-1] if replay else (done[-1] if done else None)
+            sub.last_id, sub.last_start = newest, shown_last.start if shown_last else None
             session.sender.send(Subscribed(subscription_type="kline", target=sub.code, epoch=sub.epoch,
                                            event_id=newest, recovered=True, replayed=len(replay),
                                            interval=sub.interval, id=msg.id))
@@ -221,6 +273,7 @@ async def _replay_or_snapshot(session: Session, sub: KlineSub, msg: Subscribe, l
     session.sender.put(Outgoing(frame(sub.code, sub.interval, sub.epoch, shown, snapshot=True), "kline_update"),
                        may_conflate=False)
     last_sent = day[-1].event_id if day else newest_id
+    sub.last_id, sub.last_start = last_sent, day[-1].start if day else None
     sub.go_live(parse_id(last_sent) if last_sent else None)
 
 

@@ -96,6 +96,10 @@ class Keys:
         """Set of the ts_codes with a bar stream in the partition (the archiver walks it)."""
         return f"{self.prefix}klcodes:{{klines.{int(partition)}}}"
 
+    def kline_live(self, partition: int) -> str:
+        """The partition's live partial bars, a short capped stream (no event ids to resume from)."""
+        return f"{self.prefix}kllive:{{klines.{int(partition)}}}"
+
     def kline_archived(self, partition: int) -> str:
         """Hash ts_code -> id of the newest bar archived; trimming never passes it."""
         return f"{self.prefix}klarch:{{klines.{int(partition)}}}"

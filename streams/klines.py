@@ -13,13 +13,14 @@ the public event ids a `kline` subscriber resumes from. Entries are `s` the bar'
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
 from typing import Any, cast
 
 import asyncpg
+import orjson
 from pydantic import ValidationError
 
 from schemas.klines import Bar
@@ -31,6 +32,7 @@ from streams.partition import partition_for
 
 _APPEND_LUA = files("streams").joinpath("append_bars.lua").read_text()
 DEFAULT_MAXLEN = 480  # two sessions of 1-minute bars per stock; the archive keeps the rest
+LIVE_MAXLEN = 120  # entries of a partition's live stream: two minutes at one a second
 
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -52,6 +54,19 @@ def decode_bar(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Bar:
         return Bar.model_validate_json(fields[b"e"]).model_copy(update={"event_id": eid})
     except (KeyError, ValueError, ValidationError) as exc:
         raise CorruptEntry(f"undecodable bar: {str(exc).splitlines()[0]}", eid) from None
+
+
+def decode_open(entry_id: bytes | str, fields: dict[bytes, bytes], wanted: Container[str] | None = None) -> list[Bar]:
+    """The partial bars of one live-stream entry (no event ids), only those of `wanted` stocks
+    when given (an entry holds a whole partition's); CorruptEntry when unreadable."""
+    eid = _text(entry_id)
+    if fields.get(b"c") != CODEC_VERSION:
+        raise CorruptEntry(f"unknown bar codec version {fields.get(b'c')!r}", eid)
+    try:
+        rows = orjson.loads(fields[b"b"])
+        return [Bar.model_validate(r) for r in rows if wanted is None or r.get("ts_code") in wanted]
+    except (KeyError, ValueError, AttributeError, ValidationError) as exc:
+        raise CorruptEntry(f"undecodable open bars: {str(exc).splitlines()[0]}", eid) from None
 
 
 def bar_ms(bar: Bar) -> int:
@@ -84,6 +99,18 @@ class BarLog:
         with translated(f"append bars of partition {partition}"):
             reply = await self._script(keys=keys, args=args)
         return [_text(i) or None for i in reply[1:]]
+
+    async def publish_open(self, partition: int, bars: Sequence[Bar]) -> str | None:
+        """One entry on the partition's live stream holding its stocks' open (partial) bars: a
+        subscriber's `closed: false` updates. Not exactly-once and not resumable (a partial bar
+        is superseded by the next one and by the closed bar); capped at LIVE_MAXLEN entries."""
+        if not bars:
+            return None
+        body = b"[" + b",".join(encode_bar(b) for b in bars) + b"]"
+        with translated(f"publish open bars of partition {partition}"):
+            eid = await self.client.xadd(self.keys.kline_live(partition), {"b": body, "c": CODEC_VERSION},
+                                         maxlen=LIVE_MAXLEN, approximate=True)
+        return _text(eid)
 
     async def epoch(self, partition: int) -> str | None:
         with translated("read the bar epoch"):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -22,7 +23,7 @@ from schemas.events import Tick
 from tests.driver_harness import wait_until
 from tests.edge_harness import Client
 from tests.join_harness import REPO, JoinWorker, send_ticks, topics
-from tests.kline_harness import DAY, BarKey, brute_force_bars
+from tests.kline_harness import DAY, BarKey, brute_force_bars, day_ticks
 from streams.partition import partition_for
 from tickwave.servers import free_port
 
@@ -101,6 +102,41 @@ async def reading(client: Client, stop: asyncio.Event) -> None:
         doc = msg.json()
         doc["_at"] = time.monotonic()
         client.frames.append(doc)
+
+
+@pytest.mark.timeout(240)
+async def test_kline_subscribers_receive_exactly_the_bars_a_brute_force_computation_gives(
+        redis_url, redis, keys, tmp_path: Path):
+    await topics(redis, keys)
+    steps = day_ticks(CODES)
+    expected = brute_force_bars([t for s in steps for t in s])
+    worker = JoinWorker(redis_url, keys, tmp_path, "w").start()
+    stop = asyncio.Event()
+    try:
+        async with edge_process(redis_url, keys, tmp_path) as url, \
+                subscribed(url, WATCHED[0]) as a, subscribed(url, WATCHED[1]) as b, subscribed(url, WATCHED[2]) as c:
+            clients = dict(zip(WATCHED, (a, b, c)))
+            readers = [asyncio.create_task(reading(x, stop)) for x in clients.values()]
+            for step in steps:
+                await send_ticks(redis, keys, step)
+            owed = {code: [k for k in expected if k[0] == code] for code in WATCHED}
+
+            async def all_in() -> bool:
+                return all(len(closed_bars(clients[code])) >= len(owed[code]) for code in WATCHED)
+
+            await wait_until(all_in, 150, "the subscribers never received every bar owed", [worker])
+            await asyncio.sleep(1.5)  # a bar sent twice would show now
+            stop.set()
+            await asyncio.gather(*readers)
+        for code in WATCHED:
+            got = closed_bars(clients[code])
+            assert got == owed[code], (f"{code}: {len(got)} closed bars received, {len(owed[code])} owed; first "
+                                       f"difference {next(((g, o) for g, o in zip(got, owed[code]) if g != o), None)}")
+            assert not [k for k, n in Counter(got).items() if n > 1]
+            assert any("T11:29" in k[1] for k in got) and any("T13:00" in k[1] for k in got)
+    finally:
+        stop.set()
+        assert worker.stop() == 0, worker.log()[-3000:]
 
 
 def prefix_bars(ticks: list[Tick]) -> set[BarKey]:

@@ -254,6 +254,8 @@ def install(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, parti
     calls with each batch of tick records it took (before it acks them). `client()` gives the
     worker's Redis client (made inside its loop)."""
     table = app.Table(TABLE, default=None, partitions=partitions)
+    for closed_by in ("tick", "clock"):
+        BARS.labels(closed_by)  # exported at 0 from the start: a rate has two samples once bars come
     state: dict[str, Klines] = {}
 
     async def save(partition: int, code: str, value: State) -> None:

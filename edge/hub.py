@@ -21,7 +21,7 @@ from typing import cast
 from edge import metrics
 from edge.conn import Outgoing
 from edge.frames import batch_of, price_update
-from edge.klines import KlineTails
+from edge.klines import KlineSub, KlineTails
 from edge.reader import Entries, Entry, Reader
 from edge.subscription import Subscription, outgoing
 from schemas.events import Tick
@@ -123,8 +123,18 @@ class Hub:
         self.tick_reader = Reader("ticks", reader, client, handle=self._on_ticks, poll_ms=cluster_poll_ms)
         self.klines = KlineTails(client, self.tick_reader)  # bar streams: plain reads, like ticks
 
-    def _full(self) -> bool:
-        return len(self.tails) + len(self.stock_tails) >= self.max_tails
+    def _full(self, more: int = 1) -> bool:
+        """Whether `more` new tails would take the node past `max_tails` (kline tails count too)."""
+        return len(self.tails) + len(self.stock_tails) + len(self.klines) + more > self.max_tails
+
+    async def join_kline(self, sub: KlineSub) -> None:
+        """Attach a `kline` subscription (edge/klines.py); NodeFull when its new tails would
+        take the node past `max_tails`."""
+        async with self._lock:
+            needs = self.klines.needs(sub)
+            if needs and self._full(needs):
+                raise NodeFull(sub.code)
+            await self.klines.join(sub)
 
     async def tick_partitions(self) -> int:
         """The ticks topic's partition count as stored in Redis (as ingest and the join read it),

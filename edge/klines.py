@@ -135,18 +135,27 @@ class KlineTails:
         """Streams followed: bar streams and live streams (each a tail of the node's reader)."""
         return len(self.subs) + len(self.live)
 
-    async def _follow_from_newest(self, key: str) -> None:
+    async def _newest(self, key: str) -> str:
+        """Where a tail of `key` starts: its newest entry now, as an id (entries from here on,
+        none skipped between reads)."""
         with translated(f"tail of {key}"):
             newest = cast(list[Entry], await self.client.xrevrange(key, count=1))
-        # from the newest entry now, as an id: entries from here on, none skipped between reads
-        self.reader.follow(key, newest[0][0].decode() if newest else "0-0")
+        return newest[0][0].decode() if newest else "0-0"
+
+    def needs(self, sub: KlineSub) -> int:
+        """New tails (streams for the node's reader) the subscription would start."""
+        if sub.key in self.subs:
+            return 0
+        return 1 + (1 if sub.live_key and sub.live_key not in self.live else 0)
 
     async def join(self, sub: KlineSub) -> None:
+        """Follow the subscription's streams; on a Redis error nothing is followed or counted."""
         started = sub.key not in self.subs
         if started:
-            await self._follow_from_newest(sub.key)
-            if sub.live_key and sub.live_key not in self.live:
-                await self._follow_from_newest(sub.live_key)
+            keys = [sub.key] + ([sub.live_key] if sub.live_key and sub.live_key not in self.live else [])
+            starts = [await self._newest(key) for key in keys]  # both read before either is followed
+            for key, cursor in zip(keys, starts):
+                self.reader.follow(key, cursor)
             if sub.live_key:
                 self.live[sub.live_key] = self.live.get(sub.live_key, 0) + 1
             self.key_of[sub.code] = sub.key
@@ -210,14 +219,13 @@ async def subscribe(session: Session, msg: Subscribe) -> bool:
     old = session.klines.pop((code, msg.interval), None)
     if old is not None:
         await st.hub.klines.leave(old)
-    elif len(session.subs) + len(session.klines) >= st.settings.edge_max_subscriptions:
-        raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                            f"at most {st.settings.edge_max_subscriptions} subscriptions", None, msg.id)
+    elif session.subscriptions() >= st.settings.edge_max_subscriptions:
+        return await session.too_many(msg)
     partitions = await st.hub.tick_partitions()
     log_ = BarLog(st.client, st.keys)
     sub = KlineSub(code, msg.interval, session.sender, key=log_.stream_key(code, partitions),
                    live_key=st.keys.kline_live(partition_for(code, partitions)))
-    await st.hub.klines.join(sub)  # live bars buffer from here on
+    await st.hub.join_kline(sub)  # live bars buffer from here on; NodeFull past the node's max tails
     session.klines[(code, msg.interval)] = sub
     try:
         await _replay_or_snapshot(session, sub, msg, log_, partitions)

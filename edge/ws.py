@@ -110,9 +110,27 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), {"field": "target"}, msg.id) from None
         return target, ""
 
+    def subscriptions(self) -> int:
+        return len(self.subs) + len(self.klines)
+
+    async def too_many(self, msg: Subscribe) -> bool:
+        """Refuse a subscription past the limit: an error, then close 4029; False."""
+        _refuse("too_many_subscriptions")
+        self.error(ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                                 f"at most {self.state.settings.edge_max_subscriptions} subscriptions", None, msg.id))
+        await self.sender.flush()
+        await self.ws.close(code=CLOSE_LIMIT, message=b"too many subscriptions")
+        return False
+
     async def subscribe(self, msg: Subscribe) -> bool:
         if msg.subscription_type == "kline":
-            return await klines.subscribe(self, msg)
+            try:
+                return await klines.subscribe(self, msg)
+            except NodeFull:
+                _refuse("node_full")
+                raise ProtocolError(ErrorCode.NODE_FULL,
+                                    f"this node follows its maximum of {self.state.settings.edge_max_tails} streams; "
+                                    "try another node", {"target": msg.target}, msg.id) from None
         target, code = self._target(msg)
         if msg.subscription_type != "stock" and not self.grant.allows(target):
             _refuse("forbidden")
@@ -126,14 +144,8 @@ class Session:
         key = (msg.subscription_type, target)
         if key in self.subs:
             await self.state.hub.leave(self.subs.pop(key))
-        elif len(self.subs) >= self.state.settings.edge_max_subscriptions:
-            _refuse("too_many_subscriptions")
-            self.error(ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                                     f"at most {self.state.settings.edge_max_subscriptions} subscriptions",
-                                     None, msg.id))
-            await self.sender.flush()
-            await self.ws.close(code=CLOSE_LIMIT, message=b"too many subscriptions")
-            return False
+        elif self.subscriptions() >= self.state.settings.edge_max_subscriptions:
+            return await self.too_many(msg)
         sub = Subscription(msg.subscription_type, target, self.sender, code=code)
         try:
             await self.state.hub.join(sub)  # live events buffer from here on

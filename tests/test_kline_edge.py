@@ -16,6 +16,7 @@ from streams.klines import BarArchive, BarLog
 from streams.partition import partition_for
 from streams.pg import create_pool, upgrade
 from streams.topics import declare
+from streams.connection import connect
 from tests.edge_harness import edge_settings, running_edge, ws_client
 from tests.kline_harness import DAY
 
@@ -158,3 +159,116 @@ async def test_the_kline_api_reads_redis_then_the_archive_as_json_and_csv(redis_
                 assert resp.status == 400
     finally:
         await pool.close()
+
+
+async def test_a_bar_appended_between_the_live_tail_and_the_replay_is_sent_once(redis_url, redis, keys, monkeypatch):
+    """The straddling case of a resume, built explicitly: a bar appended after the tail started
+    and before the replay read it is both replayed and buffered live; it must go out once."""
+    from edge import klines as edge_klines
+
+    await declare(redis, keys, ["ticks"], partitions=4)
+    log = BarLog(redis, keys, hold=False)
+    await append(log, [bar(CODE, m) for m in range(3)])
+    first = await stream_ids(redis, keys, CODE)
+    buffered: list[str] = []
+    deliver, history = edge_klines.KlineSub.deliver, edge_klines.bar_history
+
+    def recording(self, bars):  # type: ignore[no-untyped-def]
+        if self.buffering:
+            buffered.extend(b.event_id for b in bars)
+        return deliver(self, bars)
+
+    async def straddling(*args, **kw):  # type: ignore[no-untyped-def]
+        # the tail follows the stream now: append, and wait until the tail has buffered the bar
+        await append(log, [bar(CODE, 3)])
+        straddler = (await stream_ids(redis, keys, CODE))[-1]
+        for _ in range(500):
+            if straddler in buffered:
+                break
+            await asyncio.sleep(0.01)
+        assert straddler in buffered, "the live tail never buffered the straddling bar"
+        return await history(*args, **kw)
+
+    monkeypatch.setattr(edge_klines.KlineSub, "deliver", recording)
+    monkeypatch.setattr(edge_klines, "bar_history", straddling)
+    async with running_edge(edge_settings(redis_url, keys)) as base, ws_client(base) as client:
+        await client.next(type="connected")
+        await client.send({"type": "subscribe", "subscription_type": "kline", "target": CODE,
+                           "last_event_id": first[0], "epoch": await log.epoch(partition_for(CODE, 4))})
+        resumed = await client.next(type="subscribed")
+        assert resumed["recovered"] is True and resumed["replayed"] == 3
+        await append(log, [bar(CODE, 4)])  # one live bar after the replay
+        await client.next(type="kline_update")
+        await client.drain(0.5)
+    got = bar_ids(client.frames, CODE)
+    assert got == (await stream_ids(redis, keys, CODE))[1:], f"received {got}"
+
+
+async def test_kline_tails_count_against_the_nodes_max_tails(redis_url, redis, keys):
+    from tests.factories import price_changes
+    from streams.events import EventLog
+
+    await declare(redis, keys, ["ticks"], partitions=4)
+    await EventLog(redis, keys).append_events("s1", price_changes(1, "s1"))
+    other = next(c for c in ("000001.SZ", "300750.SZ", "601318.SH", "000858.SZ")
+                 if partition_for(c, 4) != partition_for(CODE, 4))
+    async with running_edge(edge_settings(redis_url, keys, edge_max_tails=3)) as base, \
+            ws_client(base) as a, ws_client(base) as b:
+        await a.next(type="connected")
+        await b.next(type="connected")
+        # CODE: its bar stream and its partition's live stream, two tails
+        await a.send({"type": "subscribe", "subscription_type": "kline", "target": CODE})
+        await a.next(type="subscribed")
+        await b.send({"type": "subscribe", "subscription_type": "kline", "target": CODE, "interval": "5m"})
+        assert (await b.next(type="subscribed"))["interval"] == "5m"  # the same tails: no new one
+        # another partition's stock needs two more: refused, the connection stays
+        await b.send({"type": "subscribe", "subscription_type": "kline", "target": other, "id": 7})
+        err = await b.next(type="error")
+        assert (err["code"], err["id"]) == ("node_full", 7)
+        await b.send({"type": "subscribe", "target": "s1"})  # one tail left: a strategy fits
+        assert (await b.next(type="subscribed"))["target"] == "s1"
+        await b.send({"type": "subscribe", "subscription_type": "stock", "target": other, "id": 8})
+        err = await b.next(type="error")  # a stock tail would be the fourth
+        assert (err["code"], err["id"]) == ("node_full", 8)
+        await b.send({"type": "ping"})
+        assert (await b.next(type="pong"))["type"] == "pong"
+        for client in (a, b):
+            await client.send({"type": "unsubscribe", "subscription_type": "kline", "target": CODE,
+                               "interval": "1m" if client is a else "5m"})
+            await client.next(type="unsubscribed")
+        await b.send({"type": "subscribe", "subscription_type": "kline", "target": other})
+        assert (await b.next(type="subscribed"))["target"] == other
+
+
+async def test_a_kline_subscribe_while_redis_is_down_gets_unavailable_and_works_once_it_is_back(keys):
+    from tickwave import servers
+
+    own = servers.start_redis()
+    try:
+        client = connect(own.url)
+        await declare(client, keys, ["ticks"], partitions=4)
+        await append(BarLog(client, keys, hold=False), [bar(CODE, 0)])
+        await client.aclose()
+        async with running_edge(edge_settings(own.url, keys)) as base, ws_client(base) as c:
+            await c.next(type="connected")
+            await c.send({"type": "subscribe", "subscription_type": "kline", "target": CODE})
+            await c.next(type="subscribed")
+            await c.next(type="kline_update")
+            own.stop()
+            await c.send({"type": "subscribe", "subscription_type": "kline", "target": OTHER, "id": 3})
+            err = await c.next(type="error", timeout=15)
+            assert (err["code"], err["id"]) == ("unavailable", 3)
+            await c.send({"type": "ping", "id": 4})
+            assert (await c.next(type="pong"))["id"] == 4
+            own = servers.EmbeddedRedis(own.binary, port=own.port).start()
+            back = connect(own.url)
+            await declare(back, keys, ["ticks"], partitions=4)
+            await append(BarLog(back, keys, hold=False), [bar(OTHER, 0)])
+            await back.aclose()
+            await c.send({"type": "subscribe", "subscription_type": "kline", "target": OTHER, "id": 5})
+            ok = await c.next(type="subscribed", timeout=15)
+            assert (ok["target"], ok["id"]) == (OTHER, 5)
+            snap = await c.next(type="kline_update")
+            assert [b["start"] for b in snap["data"]] == [bar(OTHER, 0).start.isoformat()]
+    finally:
+        own.stop()

@@ -200,6 +200,13 @@ async def test_server_text_is_shown_as_text_never_run(live, redis, keys):
     assert await live.page.evaluate("document.querySelectorAll('#rows img, #rows b').length") == 0
     assert await live.page.evaluate("window.__xss === undefined")
 
+    # a hand-made URL: the name is refused by the edge and shown as text
+    await live.open('#strategy=<img src=x onerror="window.__xss=2">')
+    await live.wait_state("refused")
+    assert "strategy" in await live.resume()
+    assert await live.page.evaluate("document.querySelectorAll('img').length") == 0
+    assert await live.page.evaluate("window.__xss === undefined")
+
 
 async def test_without_breadth_or_klines_the_page_degrades_quietly(live, redis, keys):
     log = EventLog(redis, keys)

@@ -97,8 +97,8 @@ def add_breadth(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, p
                 batches: Batches) -> Any:
     """Add the breadth agent, table and timers to the worker's app; returns the table."""
     keys = Keys(settings.key_prefix)
-    table = app.Table(TABLE, default=None, partitions=partitions, key_type=bytes,  # type: ignore[arg-type]
-                      key_serializer="raw", value_serializer="json")
+    # bytes keys (the app's raw key serializer), JSON values (its default value serializer)
+    table = app.Table(TABLE, default=None, partitions=partitions, key_type=bytes)  # type: ignore[arg-type]
     universe = universe_from(settings.universe_file)
     state: dict[str, BreadthWriter] = {}
     processed: dict[int, int] = {}

@@ -272,7 +272,8 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
             records = [(e.message.partition, e.message.offset, e.key, e.value) for e in batch]
             await joiner().join_ticks(records, lookup)
 
-    add_breadth(app, ticks, settings, partitions, arrived)
+    if settings.worker_breadth:
+        add_breadth(app, ticks, settings, partitions, arrived)
 
     @app.task
     async def freeze_startup_objects() -> None:

@@ -124,8 +124,11 @@ def add_breadth(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, p
     async def breadth(stream: faust.StreamT[bytes]) -> None:
         # a batch is acked after its changelog writes were queued; the driver commits only
         # once the producer flushed them, so a committed tick's state is in the changelog
+        # (memory store: no persisted changelog offsets to record, faust's send callback skipped)
+        changelog = table.changelog_topic
         async for batch in batches(stream, settings.worker_batch):
             data = table.data
+            changed: dict[bytes, tuple[int, list[Any]]] = {}
             for event in batch:
                 msg = event.message
                 try:
@@ -136,12 +139,19 @@ def add_breadth(app: faust.App, ticks: faust.TopicT, settings: WorkerSettings, p
                 key = tick.ts_code.encode()
                 new = stock_state(tick, msg.partition, msg.offset, universe.get(tick.ts_code))
                 if newer(data.get(key), new):
-                    # table[key] = new, with the partition given: faust takes it from the
-                    # current event, which a batch spanning partitions does not have
                     data[key] = new
-                    table.send_changelog(msg.partition, key, new)
+                    changed[key] = (msg.partition, new)
                 if msg.offset > processed.get(msg.partition, -1):
                     processed[msg.partition] = msg.offset
+            # what `table[key] = new` does, but with the partition given (faust takes it from the
+            # current event, which a batch spanning partitions does not have), once per stock per
+            # batch, and sent here rather than through faust's producer buffer: that buffer hands
+            # the driver one message per event-loop turn, and measured (bench.breadth) it held the
+            # worker to ~1,000 ticks/s at 5,000 stocks
+            for key, (partition, new) in changed.items():
+                await changelog.send(key=key, value=new, partition=partition,
+                                     key_serializer=table.key_serializer,  # type: ignore[attr-defined]
+                                     value_serializer=table.value_serializer)  # type: ignore[attr-defined]
             TICKS_APPLIED.inc(len(batch))
 
     @app.timer(interval=settings.breadth_interval_s)

@@ -148,3 +148,22 @@ def test_a_breadth_batch_straddling_the_last_id_sent_gives_only_the_newer_frames
     assert batch is not None and bad == 0
     frames = [f.text for f in outgoing(batch, after=parse_id("1000-1"))]
     assert [MarketUpdate.model_validate_json(t).event_id for t in frames] == ["1000-2", "1000-3"]
+
+
+async def test_breadth_entries_are_archived_and_read_back_from_the_archive(redis, keys, pg_url):
+    from streams.archive import ArchiveStore
+    from streams.pg import create_pool, upgrade
+
+    log = EventLog(redis, keys)
+    ids = [await append(log, n) for n in range(3)]
+    epoch = await log.epoch("market")
+    await upgrade(pg_url)
+    pool = await create_pool(pg_url)
+    try:
+        store = ArchiveStore(pool)
+        assert await store.write("market", epoch, await log.read_after("market", None)) == 3
+        back = await store.read_after("market", epoch, ids[0], limit=10)
+        assert [s.id for s in back] == ids[1:]
+        assert [s.event for s in back] == [breadth(1), breadth(2)]
+    finally:
+        await pool.close()

@@ -48,6 +48,9 @@ SMOKES = {
     "signals api": Smoke("python -m bench.signals_api --signals 50 --requests 120",
                          ("GET /api/signals/buy p50", "GET /api/signals/buy p99"), database=True),
     "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
+    "breadth": Smoke("python -m bench.breadth --stocks 300 --rate 300 --seconds 2",
+                     ("(a) worker CPU", "(b) breadth complete", "(c) breadth changelog"),
+                     lines=(r"^ +600 paced ticks consumed in [\d.]+ s with breadth, 600 in [\d.]+ s without$",)),
     # every part at once: a 300-stock market, 600-tick bursts, 1 s paced phases, 6 clients in 2 processes
     "pipeline": Smoke("python -m bench.pipeline --stocks 300 --signalled 30 --ticks 600 --rate 300 --seconds 1 "
                       "--clients 6 --client-procs 2",

@@ -8,6 +8,8 @@ from streams.events import EventLog
 from tests.browser_harness import Chromium, ensure_chromium
 from tests.edge_harness import edge_settings, running_edge
 from tests.factories import price_change, price_changes
+from tests.test_edge_market import append as append_breadth
+from tests.test_edge_market import breadth
 from tests.live_page_harness import (
     LivePage,
     breadth_row,
@@ -265,3 +267,24 @@ async def test_breadth_and_kline_frames_of_the_contract_are_drawn(live, redis, k
     pixels = await live.page.evaluate("""window.__tickwave.kline.candles.map(({x, y}) =>
       [...document.getElementById('kline-canvas').getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)])""")
     assert pixels == [[0xd0, 0x02, 0x1b], [0x1a, 0x7f, 0x37], [0xd0, 0x02, 0x1b]]
+
+
+async def test_breadth_written_to_the_market_stream_reaches_the_bar_and_moves_live(live, redis, keys):
+    """End to end through the real writer path (append_events with the breadth kind, as the
+    breadth agent writes): the page's market subscription gets the snapshot, then live entries."""
+    log = EventLog(redis, keys)
+    await Appender(log)(3)
+    await append_breadth(log, 1)
+    await live.open(f"#strategy={S}")
+    await live.wait_resume("snapshot")
+
+    def shown(n: int) -> dict[str, dict[str, str]]:
+        rows = {r.board: r for r in breadth(n).rows}
+        return {b: {"advancers": f"↑{r.advancers}", "decliners": f"↓{r.decliners}", "unchanged": f"–{r.unchanged}",
+                    "limit_up": f"涨停 {r.limit_up}", "limit_down": f"跌停 {r.limit_down}",
+                    "mean_change_percent": f"{r.mean_change_percent:.2f}%"} for b, r in rows.items()}
+
+    await live.wait_breadth(shown(1))
+    assert not await live.breadth_hidden()
+    await append_breadth(log, 2)
+    await live.wait_breadth(shown(2))

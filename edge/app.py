@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from edge import api
+from edge import api, market
 from edge.auth import TokenVerifier
 from edge.hub import Hub
 from edge.limits import AddressCounter
@@ -97,6 +97,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app.router.add_get("/api/strategies/{strategy}/snapshot", api.snapshot)
     app.router.add_get("/api/strategies/{strategy}/events", api.events)
     app.router.add_get("/api/stocks/{ts_code}/kline", kline_api)
+    app.router.add_get("/api/market/breadth", market.breadth)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

@@ -30,6 +30,7 @@ class Batch:
     prices: tuple[dict[str, Any], ...]  # PriceItem dicts; each carries its event_id
     signals: tuple[tuple[str, dict[str, Any]], ...]  # (id, SignalChange dict)
     ingest_ms: float | None  # oldest ingest time in the batch, for push latency
+    breadth: tuple[tuple[str, dict[str, Any]], ...] = ()  # (id, Breadth dict): the `market` stream
 
 
 def _ingest_ms(doc: dict[str, Any]) -> float | None:
@@ -43,7 +44,7 @@ def batch_of(
     target: str, epoch: str | None, events: Iterable[StoredEvent], *, latency: bool = True
 ) -> tuple[Batch | None, int]:
     """A Batch from stored events; returns it and how many entries were unreadable (skipped)."""
-    ids, prices, signals = [], [], []
+    ids, prices, signals, breadth = [], [], [], []
     oldest: float | None = None
     bad = 0
     for stored in events:
@@ -54,6 +55,8 @@ def batch_of(
                 ms = _ingest_ms(doc) if latency else None
                 if ms is not None and (oldest is None or ms < oldest):
                     oldest = ms
+            elif stored.is_breadth:
+                breadth.append((stored.id, doc))
             else:
                 signals.append((stored.id, doc))
             ids.append(stored.id)
@@ -61,7 +64,8 @@ def batch_of(
             bad += 1
     if not ids:
         return None, bad
-    return Batch(target, epoch, ids[0], ids[-1], tuple(ids), tuple(prices), tuple(signals), oldest), bad
+    return Batch(target, epoch, ids[0], ids[-1], tuple(ids), tuple(prices), tuple(signals), oldest,
+                 tuple(breadth)), bad
 
 
 def price_update(target: str, epoch: str | None, rows: list[dict[str, Any]], *, snapshot: bool = False) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from edge.conn import Outgoing, Sender
 from edge.frames import Batch, price_update, signal_update
+from edge.market import market_update
 from streams.codec import parse_id
 
 Id = tuple[int, int]
@@ -27,6 +28,8 @@ def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
     if after is not None:
         rows = [r for r in rows if parse_id(r["event_id"]) > after]
         signals = [(i, s) for i, s in signals if parse_id(i) > after]
+    if batch.breadth:
+        return breadth_frames(batch, after)
     out: list[Outgoing] = []
 
     def flush(run: list[dict[str, Any]]) -> None:
@@ -49,6 +52,13 @@ def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
         out.append(Outgoing(signal_update(batch.target, nxt[0], nxt[1]), "signal_update"))
         nxt = next(pending, None)
     return out
+
+
+def breadth_frames(batch: Batch, after: Id | None = None) -> list[Outgoing]:
+    """A `market` stream batch: one market_update frame per breadth entry after `after` (the
+    stream holds breadth entries only)."""
+    return [Outgoing(market_update(batch.target, batch.epoch, i, doc), "market_update")
+            for i, doc in batch.breadth if after is None or parse_id(i) > after]
 
 
 @dataclass(eq=False)

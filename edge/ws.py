@@ -16,6 +16,7 @@ from edge.conn import Outgoing, Sender
 from edge.frames import batch_of, price_update
 from edge.hub import NodeFull
 from edge.klines import KlineSub
+from edge.market import snapshot_frame
 from edge.subscription import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
@@ -194,6 +195,16 @@ class Session:
     async def _snapshot(self, sub: Subscription, msg: Subscribe) -> None:
         st = self.state
         epoch = await st.events.epoch(sub.target)
+        if sub.kind == "market":
+            # breadth's snapshot is the newest entry itself
+            newest = await st.events.latest(sub.target)
+            self.sender.send(Subscribed(subscription_type="market", target=sub.target, epoch=epoch,
+                                        event_id=newest.id if newest else None, id=msg.id))
+            frame = snapshot_frame(sub.target, epoch, newest)
+            if frame is not None:
+                self.sender.put(Outgoing(frame, "market_update"))
+            sub.go_live(parse_id(newest.id) if newest else None)
+            return
         # the newest id first, then the snapshot: an event appended in between is then both
         # in the snapshot and sent live (harmless), never in neither
         latest = await st.events.latest_id(sub.target)

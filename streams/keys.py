@@ -104,6 +104,12 @@ class Keys:
         """Hash ts_code -> id of the newest bar archived; trimming never passes it."""
         return f"{self.prefix}klarch:{{klines.{int(partition)}}}"
 
+    # --- market breadth -------------------------------------------------
+    def breadth_partials(self) -> str:
+        """Hash ticks partition -> `<offset>\n<partial JSON>`: each partition's breadth partial,
+        combined into the `market` stream (same hash tag as that stream)."""
+        return f"{self.prefix}breadth:{{market}}"
+
     # --- dead letters -----------------------------------------------------
     def dead_letters(self, source: str) -> str:
         return f"{self.prefix}dlq:{{{check_name(source, 'source')}}}"

@@ -53,6 +53,9 @@ SMOKES = {
                        "--subscribers 3", ("(a) worker CPU", "(b) bar close"),
                        lines=(r"^ +K-line +p50 .* [1-9]\d* closed bars received of \d+ owed, 0 duplicated$",
                               r"^ +baseline +p50 .* [1-9]\d* closed bars received of \d+ owed, 0 duplicated$")),
+    "breadth": Smoke("python -m bench.breadth --stocks 300 --rate 300 --seconds 2",
+                     ("(a) worker CPU", "(b) breadth complete", "(c) breadth changelog"),
+                     lines=(r"^ +600 paced ticks consumed in [\d.]+ s with breadth, 600 in [\d.]+ s without$",)),
     # every part at once: a 300-stock market, 600-tick bursts, 1 s paced phases, 6 clients in 2 processes
     "pipeline": Smoke("python -m bench.pipeline --stocks 300 --signalled 30 --ticks 600 --rate 300 --seconds 1 "
                       "--clients 6 --client-procs 2",

@@ -34,6 +34,11 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= seq then
 end
 local first = seq
 local compact = ARGV[4] == 'compact' and KEYS[#KEYS]
+if compact and first == 0 then
+  -- a partition starting from offset 0 (new, or its stream and counter deleted): offsets in a
+  -- hash left from before would name the new entries of other keys
+  redis.call('DEL', compact)
+end
 local maxlen = tonumber(ARGV[1])
 local n = (#ARGV - 4) / 5
 for i = 0, n - 1 do

@@ -62,6 +62,15 @@ async def test_a_compacting_partition_keeps_exactly_the_latest_entry_of_each_key
     assert not await redis.exists(keys.topic_compaction("plain", 0))
 
 
+async def test_a_partition_started_again_from_zero_forgets_the_offsets_of_its_old_entries(redis, keys):
+    log = PartitionLog(redis, keys, "cl", compacting=True)
+    await log.append(0, [encode_record(b"old", b"1")] + [encode_record(b"x", b"2")] * 3)
+    await redis.delete(keys.topic_partition("cl", 0), keys.topic_sequence("cl", 0))  # cleared by hand
+    await log.append(0, [encode_record(b"a", b"1"), encode_record(b"b", b"1"), encode_record(b"old", b"2")])
+    # the hash said old -> 0: kept, it would delete a's new entry at offset 0
+    assert await kept(redis, keys, "cl", 0) == [(0, b"a", b"1"), (1, b"b", b"1"), (2, b"old", b"2")]
+
+
 async def test_compacting_is_recorded_by_the_declaration_that_says_so(redis, keys):
     topics = Topics(redis, keys, default_partitions=4)
     # a subscription or a first send declares a changelog before its table does

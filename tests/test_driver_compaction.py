@@ -9,7 +9,6 @@ from pathlib import Path
 
 import faust
 import pytest
-from faust.types import TP
 
 from streams.codec import decode_record, encode_record
 from streams.connection import AnyRedis

@@ -45,6 +45,9 @@ SMOKES = {
     # by a 20 ms poll, and needs more than one poll to be a number
     "driver": Smoke("python -m bench.driver --messages 3000", ("faust agent",),
                     lines=(r"^worker start to first output +[\d.]+ s$",)),
+    "compaction": Smoke("python -m bench.compaction --updates 3000 --keys 100",
+                        ("(a) append, compacting", "(b) memory, compacting", "(c) read the partition back"),
+                        lines=(r"compacted partition keeps 100 entries, plain 3,000$",)),
     "signals api": Smoke("python -m bench.signals_api --signals 50 --requests 120",
                          ("GET /api/signals/buy p50", "GET /api/signals/buy p99"), database=True),
     "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import cast
 
 from edge import metrics
-from edge.conn import Outgoing
+from edge.conn import Outgoing, account_shared
 from edge.frames import batch_of, price_update
 from edge.reader import Entries, Entry, Reader
 from edge.subscription import Subscription, outgoing
@@ -64,8 +64,11 @@ class StrategyTail:
         if batch is None:
             return
         shared = outgoing(batch)
+        for item in shared:
+            item.shared = True
         for sub in list(self.subs):
             sub.deliver(batch, shared)
+        account_shared(shared)
 
 
 class StockTail:

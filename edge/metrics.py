@@ -17,3 +17,20 @@ SLOW_CLOSES = Counter("tickwave_edge_slow_closes_total", "Clients closed with 40
 REFUSALS = Counter("tickwave_edge_refusals_total", "Refused connections, frames and subscriptions", ["reason"])
 CONSUMER_LAG = Gauge("tickwave_edge_consumer_lag", "Entries not yet read by this node's group", ["strategy", "group"])
 EVENTS_READ = Counter("tickwave_edge_events_read_total", "Events read from strategy streams", ["strategy"])
+
+
+def observe_many(histogram: Histogram, value: float, n: int) -> None:
+    """`histogram.observe(value)` n times, at the cost of one: a frame shared by n clients was
+    sent to all of them at the same moment. prometheus-client's observe takes no count; this
+    does what it does (sum, then the first bucket the value fits) with n."""
+    try:
+        total, buckets, bounds = histogram._sum, histogram._buckets, histogram._upper_bounds
+    except AttributeError:  # a labelled parent or another client version: the plain way
+        for _ in range(n):
+            histogram.observe(value)
+        return
+    total.inc(value * n)
+    for bucket, bound in zip(buckets, bounds):
+        if value <= bound:
+            bucket.inc(n)
+            break

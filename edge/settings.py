@@ -49,6 +49,12 @@ class EdgeSettings(CommonSettings):
     edge_socket_sndbuf: int = Field(
         256 * 1024, ge=4096, description="kernel send buffer per WebSocket: bounds what hides from the queue's cap"
     )
+    edge_ws_compress: bool = Field(
+        False,
+        description="permessage-deflate for clients that offer it. Off by default: a compressed connection "
+                    "cannot be written the one frame built per batch for every subscriber, and deflating every "
+                    "frame per client costs more CPU than fan-out itself",
+    )
     edge_max_replay: int = Field(50_000, ge=1, description="resume replays at most this many events, else a snapshot")
     edge_ready_max_lag: int = Field(10_000, ge=0, description="/readyz fails when a tail is further behind than this")
     edge_allowed_origins: str = Field("", description="comma-separated Origin allow-list; empty allows any")

@@ -2,8 +2,10 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CONNECTIONS = Gauge("tickwave_edge_connections", "Open WebSocket connections")
-SUBSCRIPTIONS = Gauge("tickwave_edge_subscriptions", "Active subscriptions", ["kind", "target"])
+# gauges sum over the processes of `tickwave edge --workers N` (multiprocess mode; ignored otherwise)
+CONNECTIONS = Gauge("tickwave_edge_connections", "Open WebSocket connections", multiprocess_mode="livesum")
+SUBSCRIPTIONS = Gauge("tickwave_edge_subscriptions", "Active subscriptions", ["kind", "target"],
+                      multiprocess_mode="livesum")
 MESSAGES_SENT = Counter("tickwave_edge_messages_sent_total", "Frames sent to clients", ["type"])
 BYTES_SENT = Counter("tickwave_edge_bytes_sent_total", "Bytes sent to clients")
 REPLAYED = Counter("tickwave_edge_replayed_events_total", "Events replayed on resume")
@@ -15,7 +17,8 @@ PUSH_LATENCY = Histogram(
 CONFLATIONS = Counter("tickwave_edge_conflations_total", "Send queues conflated to the latest price per stock")
 SLOW_CLOSES = Counter("tickwave_edge_slow_closes_total", "Clients closed with 4008 for not keeping up")
 REFUSALS = Counter("tickwave_edge_refusals_total", "Refused connections, frames and subscriptions", ["reason"])
-CONSUMER_LAG = Gauge("tickwave_edge_consumer_lag", "Entries not yet read by this node's group", ["strategy", "group"])
+CONSUMER_LAG = Gauge("tickwave_edge_consumer_lag", "Entries not yet read by this node's group", ["strategy", "group"],
+                     multiprocess_mode="livemax")
 EVENTS_READ = Counter("tickwave_edge_events_read_total", "Events read from strategy streams", ["strategy"])
 
 

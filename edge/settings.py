@@ -18,6 +18,14 @@ class EdgeSettings(CommonSettings):
         default_factory=socket.gethostname,
         description="node name; its consumer group is edge:<node>, stable across restarts",
     )
+    edge_workers: int = Field(
+        1, ge=1, le=64,
+        description="`tickwave edge` processes sharing the port (SO_REUSEPORT), one per core; each is node "
+                    "<edge_node>-<i> with its own consumer group",
+    )
+    edge_reuse_port: bool = Field(
+        False, description="bind with SO_REUSEPORT (set by `tickwave edge --workers N` for its processes)"
+    )
     edge_heartbeat_s: float = Field(30.0, gt=0, description="server ping interval; no pong in half of it closes")
     edge_max_frame_bytes: int = Field(64 * 1024, ge=256, description="larger client frames are closed with 1009")
     edge_max_subscriptions: int = Field(50, ge=1, description="subscriptions per connection")

@@ -263,7 +263,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         session = Session(state, ws, grant, client_id, request.transport)  # type: ignore[arg-type]
         state.sessions.add(session)
         metrics.CONNECTIONS.inc()
-        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s))
+        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s, node=s.edge_node))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 if not await session.handle(msg.data):

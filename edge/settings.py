@@ -48,6 +48,12 @@ class EdgeSettings(CommonSettings):
         description="Redis Cluster only: how often the node polls the streams it follows (a blocking read "
                     "cannot name keys of different slots)",
     )
+    edge_batch_window_ms: float = Field(
+        5.0, ge=0, le=50,
+        description="when events arrive faster than one read per this window, the next read of the strategy "
+                    "streams waits out the window and takes them all: one frame per subscriber per window, "
+                    "not one per event. An event after a quiet spell is read at once. 0 turns it off",
+    )
     edge_shutdown_s: float = Field(
         2.0, gt=0,
         description="on SIGTERM/SIGINT every WebSocket is closed with 1001 at once; requests in flight "

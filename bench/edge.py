@@ -223,11 +223,17 @@ class Fanout:
         g = self.got
         return (f"p50 {percentile(g.ordered(), 0.5):8.1f} ms   p99 {self.p99():8.1f} ms   "
                 f"max {g.ordered()[-1] if g.ordered() else float('nan'):8.1f} ms   "
-                f"({g.delivered:,} deliveries counted of {self.owed:,}, {g.lost:,} lost, "
+                f"({g.delivered:,} deliveries counted of {self.owed:,}, {g.lost:,} lost (not in by {SETTLE_S:g} s after the last), "
                 f"{g.duplicated:,} duplicated; closed by the server: {g.closes()})")
 
+    def us_per_delivery(self) -> float:
+        """CPU of the server's processes per delivery: steadier than latency on a shared machine."""
+        used = sum(v for k, v in self.meter.used.items() if k.startswith(("edge", "socketio")))
+        return used / self.got.delivered * 1e6 if self.got.delivered else float("nan")
+
     def cpu(self) -> str:
-        return f"{self.meter.text()}; load average {self.load[0]:.2f} -> {self.load[1]:.2f}"
+        return (f"{self.meter.text()}; {self.us_per_delivery():.1f} µs of server CPU per delivery; "
+                f"load average {self.load[0]:.2f} -> {self.load[1]:.2f}")
 
 
 async def paced_feed(publish: Callable[[list[Any]], Awaitable[dict[str, float]]], walk: PriceWalk, seconds: float,

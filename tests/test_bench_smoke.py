@@ -32,10 +32,10 @@ class Smoke:
     lines: tuple[str, ...] = ()  # further lines the output must have (regular expressions)
 
 
-FANOUT_OURS = (r"^ +ours +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +\(80 deliveries counted of 80, 0 lost, "
+FANOUT_OURS = (r"^ +ours +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +\(80 deliveries counted of 80, 0 lost \(not in by 2 s after the last\), "
                r"0 duplicated; closed by the server: none\)$")
 FANOUT_SOCKETIO = (r"^ +socketio +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +\([1-9][\d,]* deliveries counted "
-                   r"of 80, \d+ lost, 0 duplicated; closed by the server: none\)$")
+                   r"of 80, \d+ lost \(not in by 2 s after the last\), 0 duplicated; closed by the server: none\)$")
 FANOUT_CPU = r"^ +CPU, % of one core: edge \d+, clients 1 \d+, clients 2 \d+, redis \d+, bench \d+; .* load average"
 
 SMOKES = {

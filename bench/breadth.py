@@ -28,8 +28,7 @@ from pathlib import Path
 
 from faust.types import TP
 
-from bench._common import drop_prefix, fresh_keys, line, redis_url
-from bench.pipeline_setup import cpu_seconds
+from bench._common import cpu_seconds, drop_prefix, fresh_keys, line, redis_url
 from schemas.events import Tick
 from schemas.market import SHANGHAI, limit_band
 from schemas.universe import default_universe

@@ -77,12 +77,13 @@ class Subscription:
         if self.buffering:
             self.buffer.append(batch)
             return
-        if self.seen is not None and parse_id(batch.last_id) <= self.seen:
+        seen = self.seen
+        if seen is not None and batch.last <= seen:
             return
-        items = shared if self.seen is None or parse_id(batch.first_id) > self.seen else outgoing(batch, self.seen)
+        items = shared if seen is None or batch.first > seen else outgoing(batch, seen)
         for item in items:
             self.sender.put(item)
-        self.seen = parse_id(batch.last_id)
+        self.seen = batch.last
 
     def go_live(self, seen: Id | None) -> None:
         """End the replay: send buffered events newer than `seen`, then deliver live."""

@@ -261,7 +261,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         _refuse("connections_per_ip")
         return web.json_response({"error": "too many connections from this address",
                                   "limit": s.edge_max_connections_per_ip}, status=429)
-    ws = web.WebSocketResponse(heartbeat=s.edge_heartbeat_s, max_msg_size=s.edge_max_frame_bytes)
+    ws = web.WebSocketResponse(heartbeat=s.edge_heartbeat_s, max_msg_size=s.edge_max_frame_bytes,
+                               compress=s.edge_ws_compress)
     session: Session | None = None
     try:
         grant = OPEN
@@ -285,8 +286,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         session = Session(state, ws, grant, client_id, request.transport)  # type: ignore[arg-type]
         state.sessions.add(session)
         metrics.CONNECTIONS.inc()
-        session.sender.start()
-        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s))
+        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s, node=s.edge_node))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 if not await session.handle(msg.data):

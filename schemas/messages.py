@@ -75,6 +75,7 @@ class Connected(ServerMessage):
     timestamp: datetime = Field(default_factory=_now)
     protocol: int = PROTOCOL_VERSION
     heartbeat: float = Field(description="seconds of silence after which the server closes")
+    node: str | None = Field(None, description="the edge node (process) serving this connection")
 
 
 class Subscribed(ServerMessage):

@@ -50,6 +50,11 @@ class Keys:
         """Counter of the last dense offset handed out; same slot as its stream."""
         return f"{self.prefix}tseq:{{{check_topic(topic)}.{int(partition)}}}"
 
+    def topic_compaction(self, topic: str, partition: int) -> str:
+        """Hash record key -> offset of its latest entry, kept by the append script on a
+        compacting topic's partition (same slot as its stream)."""
+        return f"{self.prefix}ck:{{{check_topic(topic)}.{int(partition)}}}"
+
     def topic_meta(self, topic: str) -> str:
         """Hash of a topic's settings: partitions, retention."""
         return f"{self.prefix}tmeta:{{{check_topic(topic)}}}"

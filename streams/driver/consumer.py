@@ -337,9 +337,15 @@ class Consumer(base.Consumer):
             offset = self.transport.client_start(tp) if client else committed.get(tp)
             if client and offset is not None:
                 offset = max(offset, low)  # retention may have trimmed past it
+            if offset is not None and offset < low and self._compacting(tp):
+                low = offset  # compacted away, not trimmed (compacting topics never are): read on from there
             if offset is None or not low <= offset <= high:
                 offset = high if latest else low
             self._positions[tp] = offset
+
+    def _compacting(self, tp: TP) -> bool:
+        settings = self.transport.topics.cached(tp.topic)
+        return bool(settings and settings.compacting)
 
     def _set_position(self, tp: TP, offset: int | None) -> None:
         self._seeks[tp] += 1
@@ -492,11 +498,13 @@ class Consumer(base.Consumer):
             if self._seeks[tp] != seeks[tp] or tp not in self._assigned or not entries:
                 continue  # sought or revoked while the read was in flight
             position = self._positions[tp]
+            # a gap in a compacting topic is compaction, not trimming: Kafka too reads on from there
+            compacting = self._compacting(tp)
             messages: list[ConsumerMessage] = []
             bad: list[tuple[tuple[bytes, dict[bytes, bytes]], Exception]] = []
             for entry_id, fields in entries:
                 offset = int(entry_id[2:]) - 1
-                if offset > position and latest and not messages and not bad:
+                if offset > position and latest and not messages and not bad and not compacting:
                     # trimmed past this position: Kafka's OffsetOutOfRange, reset to the end
                     position = (await topics.watermarks([tp]))[tp][1]
                     break

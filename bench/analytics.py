@@ -60,11 +60,11 @@ import orjson
 from agents.analytics import Klines
 from agents.klines import State
 from agents.settings import WorkerSettings
-from bench._common import line, redis_url
+from bench._common import CpuMeter, line, redis_url
 from bench.edge import raise_fd_limit, start_edge, wait_healthy
 from bench.edge import stop as stop_process
 from bench.pipeline import Run, commit, paced, pct, quantiles
-from bench.pipeline_setup import CpuMeter, Market, TapeTick, Workers, make_market, progress
+from bench.pipeline_setup import Market, TapeTick, Workers, make_market, progress
 from schemas.klines import bar_deadline
 from schemas.market import SHANGHAI
 from streams.klines import BarLog

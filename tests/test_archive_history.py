@@ -23,20 +23,21 @@ async def store(pg_url):
 
 
 async def test_upgrade_twice_applies_once(pg_url):
-    assert await upgrade(pg_url) == ["0001_event_archive.sql", "0002_signals.sql", "0003_archive_gaps.sql"]
+    assert await upgrade(pg_url) == ["0001_event_archive.sql", "0002_signals.sql", "0003_archive_gaps.sql",
+                                     "0004_kline_archive.sql"]
     assert await upgrade(pg_url) == []
 
 
 async def test_upgrade_twice_at_once_leaves_one_schema(pg_url):
     results = await asyncio.gather(upgrade(pg_url), upgrade(pg_url), upgrade(pg_url))
-    assert sorted(len(r) for r in results) == [0, 0, 3]
+    assert sorted(len(r) for r in results) == [0, 0, 4]
     conn = await asyncpg.connect(pg_url)
     try:
         tables = await conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1")
         assert [t["table_name"] for t in tables] == [
-            "archive_gaps", "event_archive", "schema_migrations", "signal_outbox", "signals"]
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 3
+            "archive_gaps", "event_archive", "kline_archive", "schema_migrations", "signal_outbox", "signals"]
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 4
     finally:
         await conn.close()
 

@@ -1,6 +1,6 @@
 -- Append records to one topic partition with dense offsets (entry id 0-<n>).
 -- Works on Redis 6.2 and 7.x, and in Cluster: both keys share one hash tag.
--- KEYS[1] partition stream, KEYS[2] its sequence counter
+-- KEYS[1] partition stream, KEYS[2] its sequence counter, KEYS[3] its generation hash
 -- ARGV[1] MAXLEN (0 = no trimming), ARGV[2] codec version,
 -- ARGV[3] expected offset of the first record ('' = append wherever the partition is),
 -- then five values per record: key, value, headers, timestamp ms, null flags
@@ -9,6 +9,16 @@
 -- OFFSETCONFLICT when an expected offset is given and the partition is elsewhere:
 -- then nothing is written. That check is the fence of a conditional writer (the signals
 -- relay): two writers that both believe the partition is at n cannot both append there.
+--
+-- Generations. Replication is asynchronous: when a replica takes over from a dead master, the
+-- last records the master acknowledged may be missing, and the counter with them, so offsets
+-- the consumers have already read are handed out again to new records. The generation hash
+-- (same slot) keeps the replication id of the server that last wrote here; a script that runs
+-- on a server with another id (a promoted replica, or a restart that lost the replication
+-- history) starts generation gen+1 at the current next offset. Records of a generation > 0
+-- carry `g` = "<gen>:<start>", so a reader that has read past <start> in an older generation
+-- knows the offsets from <start> on are new records, and rewinds (streams/driver/consumer.py);
+-- the event fence does the same (streams/append_events.lua). Costs one INFO per call.
 local seq = redis.call('GET', KEYS[2])
 if seq then
   seq = tonumber(seq)
@@ -20,6 +30,16 @@ else
     seq = tonumber(string.match(last[1][1], '%-(%d+)$'))
   end
 end
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+local g = redis.call('HMGET', KEYS[3], 'replid', 'gen', 'start')
+local gen, start = tonumber(g[2] or '0'), tonumber(g[3] or '0')
+if g[1] ~= replid then
+  if g[1] then
+    gen, start = gen + 1, seq
+  end
+  redis.call('HSET', KEYS[3], 'replid', replid, 'gen', gen, 'start', start)
+end
+local mark = gen > 0 and (gen .. ':' .. start) or ''
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= seq then
   return redis.error_reply('OFFSETCONFLICT expected ' .. ARGV[3] .. ' next ' .. seq)
 end
@@ -46,6 +66,10 @@ for i = 0, n - 1 do
   args[#args + 1] = ARGV[b + 3]
   args[#args + 1] = 'c'
   args[#args + 1] = ARGV[2]
+  if mark ~= '' then
+    args[#args + 1] = 'g'
+    args[#args + 1] = mark
+  end
   if ARGV[b + 4] ~= '' then
     args[#args + 1] = 'n'
     args[#args + 1] = ARGV[b + 4]

@@ -59,6 +59,18 @@ HOLD_CEILING = Gauge(
     "tickwave_events_retention_hold_ceiling_bytes",
     "TICKWAVE_EVENT_HOLD_MAX_BYTES of this writer (0: no ceiling, or no archive group holds)",
 )
+FAILOVER_REGRESSIONS = Counter(
+    "tickwave_events_failover_regressions_total",
+    "Appends that found a strategy stream on another server than the last one (a replica promoted): "
+    "ids the old master acknowledged after the recorded last id are lost",
+    ["strategy"],
+)
+FAILOVER_REUSED = Counter(
+    "tickwave_events_failover_reused_positions_total",
+    "Events whose tick positions a ticks-partition failover handed out again to new ticks "
+    "(their own ticks were lost after the join read them; the events stay)",
+    ["strategy"],
+)
 TRIMMED_UNARCHIVED = Counter(
     "tickwave_events_trimmed_unarchived_total",
     "Events trimmed past the hold ceiling before the archive group acknowledged them (recorded as a gap)",
@@ -87,7 +99,8 @@ class Gap:
 Position = tuple[str, int]
 
 
-def _event_args(event: Event, source: Position | None) -> list[bytes | str | int]:
+def _event_args(event: Event, source: Position | None, generation: tuple[int, int] | None = None
+                ) -> list[bytes | str | int]:
     kind, version, body = encode_event_parts(event)
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
@@ -96,7 +109,8 @@ def _event_args(event: Event, source: Position | None) -> list[bytes | str | int
         position = [source[0], source[1]] if source else ["", 0]
         # a removed signal takes the stock out of the strategy's list
         snap = [b"del" if event.action == "remove" else b"", event.signal.ts_code]
-    return [*position, *snap, kind, version, body]
+    gen = f"{generation[0]}:{generation[1]}" if generation and generation[0] > 0 else ""
+    return [*position, *snap, kind, version, body, gen]
 
 
 class EventLog:
@@ -134,23 +148,28 @@ class EventLog:
     def _keys_for(self, strategy: str) -> list[str]:
         k = self.keys
         return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy),
-                k.gaps(strategy)]
+                k.gaps(strategy), k.failovers(strategy)]
 
     async def append_events(
         self, strategy: str, events: Sequence[Event], *, sources: Sequence[Position | None] | None = None,
+        generations: Sequence[tuple[int, int]] | None = None,
     ) -> list[str]:
         """Append atomically; returns the ids written (events at old positions are skipped).
 
         A PriceChange's position is its tick's (partition, offset). A SignalChange has
         none of its own: `sources` (aligned with `events`) can give one, a (name, offset)
         pair whose name must not be a tick partition number, e.g. ("signals.3", 17); a
-        SignalChange without one is always appended.
+        SignalChange without one is always appended. `generations` (aligned with `events`) gives
+        each PriceChange's tick partition generation (gen, start) as the driver read it
+        (streams.codec.GENERATION_HEADER): a newer one lowers the fence to start - 1.
         """
         check_name(strategy, "strategy")
         if not events:
             return []
         if sources is not None and len(sources) != len(events):
             raise ValueError("sources must have one entry per event")
+        if generations is not None and len(generations) != len(events):
+            raise ValueError("generations must have one entry per event")
         fresh_epoch = secrets.token_hex(8)
         args: list[Any] = [*self._retention, fresh_epoch, CODEC_VERSION, self._group, self._ceiling]
         for i, event in enumerate(events):
@@ -159,7 +178,7 @@ class EventLog:
             source = sources[i] if sources is not None else None
             if source is not None and source[0].isdigit():
                 raise ValueError(f"source {source[0]!r} would share a tick partition's position")
-            args.extend(_event_args(event, source))
+            args.extend(_event_args(event, source, generations[i] if generations is not None else None))
         with translated(f"append events to {strategy}"):
             reply = await self._script(keys=self._keys_for(strategy), args=args)
             if strategy not in self._registered or _text(reply[0]) == fresh_epoch:
@@ -167,13 +186,22 @@ class EventLog:
                 # when the stream is new (a Redis that lost its data lost the set too)
                 await self.client.sadd(self.keys.strategies(), strategy)
                 self._registered.add(strategy)
-        held, lost = int(reply[1]), int(reply[2])
+        held, lost, reused, regressed = int(reply[1]), int(reply[2]), int(reply[3]), _text(reply[4])
+        if regressed:
+            FAILOVER_REGRESSIONS.labels(strategy).inc()
+            log.error("strategy stream found on a new server (failover): ids acknowledged after the last one "
+                      "kept are lost", extra={"strategy": strategy, "last_kept_id": regressed,
+                                              "next_id": _text(reply[5]) if len(reply) > 5 else None})
+        if reused:
+            FAILOVER_REUSED.labels(strategy).inc(reused)
+            log.warning("tick positions handed out again by a ticks failover: the fence now takes the new ticks",
+                        extra={"strategy": strategy, "events": reused})
         HELD_BYTES.labels(strategy).set(held)
         HOLD_CEILING.set(self._ceiling if self._group else 0)
         if lost:
             TRIMMED_UNARCHIVED.labels(strategy).inc(lost)
             self._log_loss(strategy, lost, held)
-        return [_text(i) for i in reply[3:] if i is not None]
+        return [_text(i) for i in reply[5:] if i is not None]
 
     def _log_loss(self, strategy: str, lost: int, held: int) -> None:
         # past the ceiling every append trims again: one line per strategy every LOSS_LOG_S
@@ -184,6 +212,27 @@ class EventLog:
                       extra={"strategy": strategy, "lost": self._unlogged.pop(strategy),
                              "stream_bytes": held, "ceiling_bytes": self._ceiling})
             self._loss_logged[strategy] = now
+
+    async def failover_holes(self, strategy: str, epoch: str) -> list[tuple[str, str | None]]:
+        """(last id kept, first id appended after) of each failover of the stream in `epoch`:
+        ids strictly between the two were acknowledged by a master that died and are gone."""
+        with translated(f"read failover records of {strategy}"):
+            raw = cast(list[RawEntry], await self.client.xrange(self.keys.failovers(strategy)))
+            out: list[tuple[str, str | None]] = []
+            for _rid, fields in raw:
+                f = {_text(k): _text(v) for k, v in fields.items()}
+                if f.get("epoch") != epoch:
+                    continue
+                nxt = cast(list[RawEntry], await self.client.xrange(self.stream_key(strategy), min=f"({f['after']}",
+                                                                    count=1))
+                out.append((f["after"], _text(nxt[0][0]) if nxt else None))
+        return out
+
+    async def in_failover_hole(self, strategy: str, epoch: str, event_id: str) -> bool:
+        """Whether `event_id` is one a failover lost (the stream no longer holds it)."""
+        eid = parse_id(event_id)
+        return any(parse_id(after) < eid and (nxt is None or eid < parse_id(nxt))
+                   for after, nxt in await self.failover_holes(strategy, epoch))
 
     async def gap_records(self, strategy: str) -> list[Gap]:
         """The gaps the append script recorded and no archiver has moved to the archive yet."""

@@ -44,8 +44,9 @@ class RecordAppender:
     ) -> list[Any]:
         topic, partition = tp
         args: list[Any] = [
-            "EVALSHA", self._sha, 2,
+            "EVALSHA", self._sha, 3,
             self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition),
+            self.keys.topic_generation(topic, partition),
             maxlen, CODEC_VERSION, "" if expected is None else int(expected),
         ]
         for rec in records:

@@ -17,3 +17,6 @@ SLOW_CLOSES = Counter("tickwave_edge_slow_closes_total", "Clients closed with 40
 REFUSALS = Counter("tickwave_edge_refusals_total", "Refused connections, frames and subscriptions", ["reason"])
 CONSUMER_LAG = Gauge("tickwave_edge_consumer_lag", "Entries not yet read by this node's group", ["strategy", "group"])
 EVENTS_READ = Counter("tickwave_edge_events_read_total", "Events read from strategy streams", ["strategy"])
+FAILOVER_RESYNCS = Counter(
+    "tickwave_edge_failover_resyncs_total",
+    "Subscribers closed (4012) because a failover lost event ids they had been sent", ["strategy"])

@@ -30,6 +30,26 @@ class HiredisPackingConnection(aioredis.Connection):
         return [_hiredis_pack(args)]
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+_STREAM_READS = ("XREAD", "XREADGROUP")
+
+
+class _RedisCluster(RedisCluster):
+    """redis-py's cluster client finds the keys of XREAD and XREADGROUP (movable keys) by asking
+    one fixed node (COMMAND GETKEYS); once that node died in a failover, every later read failed
+    with AttributeError (redis-py 8.1: "NoneType object has no attribute writelines"), which
+    crashed faust's fetcher. Their keys follow STREAMS: taken from the arguments here."""
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if command.upper() in _STREAM_READS:
+            words = [a.upper() if isinstance(a, str) else a for a in args]
+            for marker in ("STREAMS", b"STREAMS"):
+                if marker in words:
+                    at = words.index(marker) + 1
+                    keys = args[at:at + (len(args) - at) // 2]
+                    slots = {self.keyslot(k) for k in keys}  # type: ignore[arg-type]
+                    if len(slots) == 1:
+                        return slots.pop()
+        return await super()._determine_slot(command, *args)  # type: ignore[no-any-return]
 
 
 def connect(url: str, *, pool_size: int | None = None, pool_timeout: float = 5.0, **options: Any) -> AnyRedis:
@@ -44,7 +64,7 @@ def connect(url: str, *, pool_size: int | None = None, pool_timeout: float = 5.0
             if url.startswith(scheme):
                 plain = ("rediss://" if scheme.startswith("rediss") else "redis://") + url[len(scheme):]
                 options.pop("health_check_interval", None)
-                return RedisCluster.from_url(plain, **options)
+                return _RedisCluster.from_url(plain, **options)
         if _hiredis_pack is not None and url.startswith("redis://"):
             options.setdefault("connection_class", HiredisPackingConnection)
         # a pooled connection that died with a Redis restart fails on its next use: reconnect

@@ -53,6 +53,7 @@ class StrategyTail:
     def __init__(self, strategy: str, key: str):
         self.strategy, self.key = strategy, key
         self.subs: set[Subscription] = set()
+        metrics.FAILOVER_RESYNCS.labels(strategy)  # at 0 from the start: increase() sees the first one
         self.epoch: str | None = None
 
     def dispatch(self, entries: list[Entry]) -> None:

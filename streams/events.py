@@ -186,6 +186,9 @@ class EventLog:
                 # when the stream is new (a Redis that lost its data lost the set too)
                 await self.client.sadd(self.keys.strategies(), strategy)
                 self._registered.add(strategy)
+                # series at 0 from the start, so an alert's increase() sees the first failover
+                FAILOVER_REGRESSIONS.labels(strategy)
+                FAILOVER_REUSED.labels(strategy)
         held, lost, reused, regressed = int(reply[1]), int(reply[2]), int(reply[3]), _text(reply[4])
         if regressed:
             FAILOVER_REGRESSIONS.labels(strategy).inc()

@@ -300,6 +300,9 @@ class Consumer(base.Consumer):
         self._generation = reply.generation
         self._assigned = tps
         self.app.consumer_generation_id = reply.generation
+        for topic in {tp.topic for tp in tps}:  # series at 0 from the start: increase() sees the first failover
+            metrics.FAILOVER_REWINDS.labels(topic)
+            metrics.FAILOVER_REREAD.labels(topic)
         note(INFO, "partitions assigned", group=self.app.conf.id, member=self.member_id,
                                                generation=reply.generation, partitions=len(tps))
         await self.on_partitions_assigned(tps, generation_id=reply.generation)

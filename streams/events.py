@@ -19,6 +19,7 @@ from importlib.resources import files
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
+from redis.asyncio.cluster import RedisCluster
 
 from schemas.events import PriceChange
 from streams.codec import (
@@ -138,6 +139,9 @@ class EventLog:
         else:
             self._retention = ("", 0)
         self._script = client.register_script(_APPEND_LUA)
+        # the failover check (one INFO per append, streams/append_events.lua) only where a
+        # replica can take over: a single server's user does not pay for it
+        self._failover_check = isinstance(client, RedisCluster)
         self._registered: set[str] = set()
         self._unlogged: dict[str, int] = {}
         self._loss_logged: dict[str, float] = {}
@@ -147,8 +151,8 @@ class EventLog:
 
     def _keys_for(self, strategy: str) -> list[str]:
         k = self.keys
-        return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy),
-                k.gaps(strategy), k.failovers(strategy)]
+        keys = [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy), k.gaps(strategy)]
+        return [*keys, k.failovers(strategy)] if self._failover_check else keys
 
     async def append_events(
         self, strategy: str, events: Sequence[Event], *, sources: Sequence[Position | None] | None = None,
@@ -219,6 +223,8 @@ class EventLog:
     async def failover_holes(self, strategy: str, epoch: str) -> list[tuple[str, str | None]]:
         """(last id kept, first id appended after) of each failover of the stream in `epoch`:
         ids strictly between the two were acknowledged by a master that died and are gone."""
+        if not self._failover_check:
+            return []  # one server: no replica takes over, and no record is kept
         with translated(f"read failover records of {strategy}"):
             raw = cast(list[RawEntry], await self.client.xrange(self.keys.failovers(strategy)))
             out: list[tuple[str, str | None]] = []

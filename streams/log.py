@@ -38,15 +38,18 @@ class RecordAppender:
         self.client = client
         self.keys = keys
         self._sha: str | None = None
+        # generations (one INFO per call, streams/append_records.lua) only where a replica can
+        # take over: a single server's user does not pay for failover detection
+        self._generations = isinstance(client, RedisCluster)
 
     def _call(
         self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord], expected: int | None = None
     ) -> list[Any]:
         topic, partition = tp
         args: list[Any] = [
-            "EVALSHA", self._sha, 3,
+            "EVALSHA", self._sha, 3 if self._generations else 2,
             self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition),
-            self.keys.topic_generation(topic, partition),
+            *([self.keys.topic_generation(topic, partition)] if self._generations else []),
             maxlen, CODEC_VERSION, "" if expected is None else int(expected),
         ]
         for rec in records:

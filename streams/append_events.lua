@@ -11,7 +11,9 @@
 -- then 8 values per event: tick partition ('' = no position: always appended),
 --   tick offset, snapshot op ('set' | 'del' | ''), ts_code, type, schema version, body,
 --   the tick partition's generation "<gen>:<start>" ('' = generation 0)
--- Returns {epoch, held bytes, lost, reused, regressed, id1, id2, ...}: the ids actually written;
+-- Returns {epoch, held bytes, lost, reused, regressed, failovers, id1, id2, ...}: the ids actually written;
+-- failovers is how many failover records KEYS[6] holds (0 without KEYS[6]): a writer that sees it
+-- grow counts the ids it appended past the last kept one as lost (streams/events.py);
 -- reused is how many recorded positions a ticks failover handed out again (see below);
 -- regressed is '' or the stream's last id when this call found a new server under it; held bytes is the
 -- stream's memory when the archive group kept retention from trimming entries it still needs
@@ -45,7 +47,7 @@ end
 -- (ids after it and before the next append are lost ids) and the next event carries it in
 -- `fo`, so a live reader learns in order. A restart that lost its replication history looks
 -- the same and records an empty range.
-local regressed = ''
+local regressed, failovers = '', 0
 if #KEYS >= 6 then
   local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
   local known = redis.call('HGET', KEYS[4], '@replid')
@@ -59,8 +61,10 @@ if #KEYS >= 6 then
     end
     redis.call('HSET', KEYS[4], '@replid', replid)
   end
+  failovers = redis.call('XLEN', KEYS[6])
 end
-local out = {epoch, 0, 0, 0, regressed}
+local out = {epoch, 0, 0, 0, regressed, failovers}
+local HEAD = #out
 local high = {}
 local gens = {}
 local n = (#ARGV - 6) / 8
@@ -101,14 +105,14 @@ for i = 0, n - 1 do
   end
   if fresh then
     local id
-    if regressed ~= '' and #out == 5 then
+    if regressed ~= '' and #out == HEAD then
       id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[b + 6], 'y', ARGV[b + 4], 's', ARGV[b + 5], 'c', ARGV[4],
                       'fo', regressed)
     else
       id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[b + 6], 'y', ARGV[b + 4], 's', ARGV[b + 5], 'c', ARGV[4])
     end
     out[#out + 1] = id
-    if #out == 6 and redis.call('HEXISTS', KEYS[4], '@first') == 0 then
+    if #out == HEAD + 1 and redis.call('HEXISTS', KEYS[4], '@first') == 0 then
       redis.call('HSET', KEYS[4], '@first', id)
     end
     local op = ARGV[b + 2]
@@ -122,7 +126,7 @@ end
 for part, off in pairs(high) do
   redis.call('HSET', KEYS[4], part, off)
 end
-if #out == 5 or ARGV[1] == '' then
+if #out == HEAD or ARGV[1] == '' then
   return out
 end
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -50,6 +51,8 @@ DEFAULT_HOLD_MAX_BYTES = 1 << 30
 
 log = logging.getLogger("tickwave.events")
 LOSS_LOG_S = 10.0
+# ids of its own appends a writer keeps per strategy to count what a failover lost (cluster only)
+RECENT_IDS = 10_000
 
 HELD_BYTES = Gauge(
     "tickwave_events_retention_held_bytes",
@@ -64,6 +67,12 @@ FAILOVER_REGRESSIONS = Counter(
     "tickwave_events_failover_regressions_total",
     "Appends that found a strategy stream on another server than the last one (a replica promoted): "
     "ids the old master acknowledged after the recorded last id are lost",
+    ["strategy"],
+)
+FAILOVER_LOST = Counter(
+    "tickwave_events_failover_lost_total",
+    "Events this writer appended that a failover lost (acknowledged by a master that died before "
+    "its replica had them)",
     ["strategy"],
 )
 FAILOVER_REUSED = Counter(
@@ -142,6 +151,11 @@ class EventLog:
         # the failover check (one INFO per append, streams/append_events.lua) only where a
         # replica can take over: a single server's user does not pay for it
         self._failover_check = isinstance(client, RedisCluster)
+        # the ids this writer appended lately, per strategy (cluster only): counted as lost when a
+        # failover record says the stream kept less; a failover detected later than this many
+        # appends after it undercounts
+        self._recent: defaultdict[str, deque[str]] = defaultdict(lambda: deque(maxlen=RECENT_IDS))
+        self._failovers_seen: dict[str, int] = {}
         self._registered: set[str] = set()
         self._unlogged: dict[str, int] = {}
         self._loss_logged: dict[str, float] = {}
@@ -193,12 +207,17 @@ class EventLog:
                 # series at 0 from the start, so an alert's increase() sees the first failover
                 FAILOVER_REGRESSIONS.labels(strategy)
                 FAILOVER_REUSED.labels(strategy)
+                FAILOVER_LOST.labels(strategy)
         held, lost, reused, regressed = int(reply[1]), int(reply[2]), int(reply[3]), _text(reply[4])
+        ids = [_text(i) for i in reply[6:] if i is not None]
         if regressed:
             FAILOVER_REGRESSIONS.labels(strategy).inc()
             log.error("strategy stream found on a new server (failover): ids acknowledged after the last one "
                       "kept are lost", extra={"strategy": strategy, "last_kept_id": regressed,
-                                              "next_id": _text(reply[5]) if len(reply) > 5 else None})
+                                              "next_id": ids[0] if ids else None})
+        if self._failover_check:
+            await self._count_lost(strategy, int(reply[5]))
+            self._recent[strategy].extend(ids)
         if reused:
             FAILOVER_REUSED.labels(strategy).inc(reused)
             log.warning("tick positions handed out again by a ticks failover: the fence now takes the new ticks",
@@ -208,7 +227,26 @@ class EventLog:
         if lost:
             TRIMMED_UNARCHIVED.labels(strategy).inc(lost)
             self._log_loss(strategy, lost, held)
-        return [_text(i) for i in reply[5:] if i is not None]
+        return ids
+
+    async def _count_lost(self, strategy: str, failovers: int) -> None:
+        """When the stream's failover records grew: count the ids this writer appended past each
+        new record's last kept id (the old master acknowledged them; the new one never had them)."""
+        seen = self._failovers_seen.get(strategy)
+        self._failovers_seen[strategy] = failovers
+        if seen is None or failovers <= seen:
+            return  # the first append of this writer: what went before is not its own
+        with translated(f"read failover records of {strategy}"):
+            raw = cast(list[RawEntry], await self.client.xrevrange(self.keys.failovers(strategy),
+                                                                   count=failovers - seen))
+        recent = self._recent[strategy]
+        for _rid, fields in raw:
+            kept = {_text(k): _text(v) for k, v in fields.items()}["after"]
+            gone = sum(1 for i in recent if parse_id(i) > parse_id(kept))
+            FAILOVER_LOST.labels(strategy).inc(gone)
+            log.error("events this writer appended were lost in a failover", extra={
+                "strategy": strategy, "last_kept_id": kept, "lost": gone})
+        recent.clear()
 
     def _log_loss(self, strategy: str, lost: int, held: int) -> None:
         # past the ceiling every append trims again: one line per strategy every LOSS_LOG_S

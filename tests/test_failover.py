@@ -3,16 +3,17 @@ master failovers (kill -9): the master of a busy ticks partition, then the maste
 strategy stream. Every process is a real OS process and carries on without a restart; what
 each failover lost or repeated is measured here and compared with the product's own counters.
 
-Replication on one machine is fast enough that a kill usually loses nothing; to make the loss
-this test is about happen every time, the replica is stopped (SIGSTOP) for a moment before its
-master is killed, so the master's last writes never reach it."""
+Replication on one machine is fast enough that a kill usually loses nothing (and a SIGSTOPped
+replica loses nothing either: the kernel buffers what the master sent). To make the loss this
+test is about certain, the replica is cut off its master's writes (LocalCluster.cut_replication)
+and the master is killed only once the pipeline has used writes the replica will never have:
+ticks the join turned into events, events the WebSocket clients were sent."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streams.codec import decode_record, parse_id
+from schemas.events import PriceChange
+from streams.codec import decode_event, decode_record, parse_id
 from streams.connection import connect
 from streams.keys import Keys
 from tests.driver_harness import wait_until
@@ -104,6 +106,25 @@ async def _tick_positions(client, keys: Keys, signalled: set[str]) -> dict[int, 
     return out
 
 
+async def _ticks_by_position(client, keys: Keys, signalled: set[str]) -> dict[tuple[int, int], tuple[str, str, float]]:
+    """(partition, offset) -> (ts_code, tick time, price) of every tick of a signalled stock."""
+    from schemas.events import Tick
+
+    out = {}
+    for p in range(PARTITIONS):
+        for eid, fields in await client.xrange(keys.topic_partition("ticks", p)):
+            record = decode_record(eid, fields)
+            if record.value:
+                tick = Tick.model_validate_json(record.value)
+                if tick.ts_code in signalled:
+                    out[(p, record.offset)] = (tick.ts_code, tick.time.isoformat(), tick.price)
+    return out
+
+
+async def _next_offset(client, keys: Keys, p: int) -> int:
+    return int(await client.get(keys.topic_sequence("ticks", p)) or 0)
+
+
 async def _count_events(client, keys: Keys) -> int:
     try:
         return len(await events_of(client, keys))
@@ -111,16 +132,11 @@ async def _count_events(client, keys: Keys) -> int:
         return -1
 
 
-def _kill_with_loss(c: local_cluster.LocalCluster, master: local_cluster.Node, hold: float) -> float:
-    """Stop the master's replica for `hold` seconds (writes pile up unreplicated), kill -9 the
-    master, let the replica go on: it is promoted without them. Seconds until it serves."""
-    replica = c.replica_of(master)
-    os.kill(replica.pid, signal.SIGSTOP)
-    try:
-        time.sleep(hold)
-        c.kill(master)
-    finally:
-        os.kill(replica.pid, signal.SIGCONT)
+def _kill_and_promote(c: local_cluster.LocalCluster, master: local_cluster.Node,
+                      replica: local_cluster.Node) -> float:
+    """kill -9 a master whose replica was cut off; seconds until the replica serves in its place."""
+    c.kill(master)
+    c.restore_replication(replica)
     return c.wait_promoted(replica, 30)
 
 
@@ -164,55 +180,137 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
         busy = sorted(range(PARTITIONS), key=lambda p: -len(ticks[p]))
         p = next((q for q in busy if c.master_of(keys.topic_partition("ticks", q)).port != strategy_master.port),
                  busy[0])
-        before = await _count_events(client, keys)
-        took_1 = await asyncio.to_thread(_kill_with_loss, c, c.master_of(keys.topic_partition("ticks", p)), 0.5)
-        await wait_until(lambda: more_events(before + 100), 60, "events did not resume after failover 1",
+        master = c.master_of(keys.topic_partition("ticks", p))
+        replica = c.replica_of(master)
+        await asyncio.to_thread(c.cut_replication, replica)
+        cut_at = await _next_offset(client, keys, p)  # the replica has none of the ticks from here on
+
+        async def joined_past(q: int, offset: int, n: int) -> bool:
+            return sum(1 for e in await events_of(client, keys)
+                       if e.source_partition == q and e.source_offset >= offset) >= n
+
+        # the kill lands with work in flight: the master acknowledged ticks its replica lacks, and
+        # the join already turned some of them into events
+        await wait_until(lambda: joined_past(p, cut_at, 5), 30, "the join read no tick past the cut",
+                         procs.values())  # type: ignore[arg-type]
+        acked_1 = await _next_offset(client, keys, p)
+        took_1 = await asyncio.to_thread(_kill_and_promote, c, master, replica)
+
+        async def new_generation() -> bool:
+            return int((await client.hget(keys.topic_generation("ticks", p), "gen")) or 0) >= 1
+
+        await wait_until(new_generation, 30, "the promoted replica did not start a new generation of the partition",
                          procs.values())  # type: ignore[arg-type]
         gen = await client.hgetall(keys.topic_generation("ticks", p))
-        assert int(gen[b"gen"]) >= 1, "the promoted replica did not start a new generation of the partition"
         rollback_to = int(gen[b"start"])
-
-        # failover 2: the master of the strategy stream
+        assert rollback_to <= cut_at < acked_1, (rollback_to, cut_at, acked_1)
+        rolled_back = {p: (rollback_to, acked_1)}
         before = await _count_events(client, keys)
-        took_2 = await asyncio.to_thread(_kill_with_loss, c, c.master_of(keys.events(STRATEGY)), 0.5)
+        await wait_until(lambda: more_events(before + 100), 60, "events did not resume after failover 1",
+                         procs.values())  # type: ignore[arg-type]
+
+        # failover 2: the master of the strategy stream (it serves other slots too: every ticks
+        # partition there rolls back as well)
+        master = c.master_of(keys.events(STRATEGY))
+        replica = c.replica_of(master)
+        shared = [q for q in range(PARTITIONS) if c.master_of(keys.topic_partition("ticks", q)).port == master.port]
+        await asyncio.to_thread(c.cut_replication, replica)
+        cut_ids = await client.xrevrange(keys.events(STRATEGY), count=1)
+        cut_id = parse_id(cut_ids[0][0].decode())
+        cut_offsets = {q: await _next_offset(client, keys, q) for q in shared}
+
+        async def clients_past_cut() -> bool:
+            return all(sum(1 for i in cl.seen if parse_id(i) > cut_id) >= 3 for cl in clients)
+
+        # in flight: the clients were sent events the replica lacks
+        await wait_until(clients_past_cut, 30, "the clients were sent nothing past the cut",
+                         procs.values())  # type: ignore[arg-type]
+        acked_2 = {q: await _next_offset(client, keys, q) for q in shared}
+        # the workers held still for the kill (SIGSTOP, a fraction of a second) so that what the
+        # old master holds just before it dies is known exactly: the events it is about to lose
+        workers = ("worker-a", "worker-b")
+        for w in workers:
+            os.kill(procs[w].proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.3)
+            acked_2 = {q: await _next_offset(client, keys, q) for q in shared}
+            last_seconds = await client.xrange(keys.events(STRATEGY), min=f"{cut_id[0] - 10_000}-0")
+            await asyncio.to_thread(c.kill, master)
+        finally:
+            for w in workers:
+                os.kill(procs[w].proc.pid, signal.SIGCONT)
+        c.restore_replication(replica)
+        took_2 = await asyncio.to_thread(c.wait_promoted, replica, 30)
+        before = await _count_events(client, keys)
         await wait_until(lambda: more_events(before + 100), 60, "events did not resume after failover 2",
                          procs.values())  # type: ignore[arg-type]
         holes = await client.xrange(keys.failovers(STRATEGY))
         assert holes, "the strategy stream's failover was not recorded"
+        kept_id = parse_id(holes[-1][1][b"after"].decode())
+        assert kept_id <= cut_id, "the promoted replica holds events written after it was cut off"
+        lost_2 = [e for e in (decode_event(i, f) for i, f in last_seconds)
+                  if isinstance(e, PriceChange) and parse_id(e.event_id or "") > kept_id]
+        for q in shared:
+            g = await client.hgetall(keys.topic_generation("ticks", q))
+            if g and int(g[b"start"]) < acked_2[q]:
+                assert int(g[b"start"]) <= cut_offsets[q]
+                rolled_back[q] = (int(g[b"start"]), acked_2[q])
 
         down = [n for n, proc in procs.items() if not proc.alive()]
         assert not down, f"processes ended: {down}"
 
         code, _ = procs.pop("ingest").terminate(10)
         assert code == 0
-        ticks = await _tick_positions(client, keys, signalled)
-        want = {(q, o) for q, rows in ticks.items() for o, _ in rows}
+        counts: list[int] = []
 
-        async def joined() -> bool:
-            got = {(e.source_partition, e.source_offset) for e in await events_of(client, keys)}
-            return want <= got
+        async def settled() -> bool:  # the join caught up: no new event for two looks in a row
+            counts.append(await _count_events(client, keys))
+            await asyncio.sleep(1.0)
+            return len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]
 
-        await wait_until(joined, 60, "the join did not catch up after the failovers", procs.values())  # type: ignore[arg-type]
+        await wait_until(settled, 60, "the join did not settle after the ingest stopped", procs.values())  # type: ignore[arg-type]
+        held = await _ticks_by_position(client, keys, signalled)
         events = await events_of(client, keys)
-        positions = Counter((e.source_partition, e.source_offset) for e in events)
-        # every tick the ticks topic holds has its event; a position with two events is one a
-        # failover handed out again (an event of the lost tick, then one of the new tick)
-        assert set(positions) == want, "events for positions no tick holds, or ticks without events"
-        repeated = sum(n - 1 for n in positions.values())
-        assert max(positions.values()) <= 2
-        assert all(q == p and o >= rollback_to for (q, o), n in positions.items() if n > 1), \
-            "a position was repeated outside the rolled-back range of the failed-over partition"
-        reused = sum([await _metric(ports[w], "tickwave_events_failover_reused_positions_total")
-                      for w in ("worker-a", "worker-b")])
-        rewinds = sum([await _metric(ports[w], "tickwave_driver_failover_rewinds_total")
-                       for w in ("worker-a", "worker-b")])
-        regressions = sum([await _metric(ports[w], "tickwave_events_failover_regressions_total")
-                           for w in ("worker-a", "worker-b")])
-        resyncs = sum([await _metric(ports[e], "tickwave_edge_failover_resyncs_total") for e in ("edge-a", "edge-b")])
-        assert reused == repeated, f"the fence counted {reused} reused positions, the stream holds {repeated}"
-        # a worker that had read past the rollback point rewinds (counted); one that resumed from a
-        # commit before it needs not: either way the exact set above holds
+
+        async def total(name: str, names: tuple[str, ...]) -> float:
+            return sum([await _metric(ports[n], name) for n in names])
+
+        reused = await total("tickwave_events_failover_reused_positions_total", workers)
+        rewinds = await total("tickwave_driver_failover_rewinds_total", workers)
+        regressions = await total("tickwave_events_failover_regressions_total", workers)
+        lost_counted = await total("tickwave_events_failover_lost_total", workers)
+        resyncs = await total("tickwave_edge_failover_resyncs_total", ("edge-a", "edge-b"))
+
+        # the exact account: an event is "current" when the tick its position names is the tick
+        # the topic holds there now; every tick held has one current event, except those whose
+        # event failover 2 lost; every other event is of a tick a failover lost, at an offset that
+        # failover rolled back
+        current = Counter((e.source_partition, e.source_offset) for e in events
+                          if held.get((e.source_partition, e.source_offset))
+                          == (e.ts_code, e.tick_time.isoformat(), e.price))
+        assert max(current.values()) == 1, "a tick has two events"
+        orphans = [(e.source_partition, e.source_offset) for e in events
+                   if held.get((e.source_partition, e.source_offset)) != (e.ts_code, e.tick_time.isoformat(), e.price)]
+        assert all(q in rolled_back and rolled_back[q][0] <= o < rolled_back[q][1] for q, o in orphans), \
+            f"events of ticks no failover lost: {[x for x in orphans if x[0] not in rolled_back][:10]}"
+        lost_1 = sorted(o for q, o in orphans if q == p)
+        assert lost_1, "failover 1 lost no tick the join had read: the kill did not land with work in flight"
+        without_event = sorted(pos for pos in held if pos not in current)
+        # the fence forgot, per rolled-back partition, the positions from the rollback point to
+        # the highest one it had recorded
+        expected_reused = sum(max(o for q2, o in orphans if q2 == q) - rolled_back[q][0] + 1
+                              for q in rolled_back if any(q2 == q for q2, _ in orphans))
+        assert reused == expected_reused, f"the fence counted {reused} reused positions, expected {expected_reused}"
+        assert rewinds >= 1, "no worker rewound the rolled-back partition"
         assert regressions >= 1, "no writer counted the strategy stream's failover"
+        assert lost_2, "failover 2 lost no event: the kill did not land with work in flight"
+        assert lost_counted == len(lost_2), f"the writers counted {lost_counted:.0f} events lost, the old master " \
+                                            f"held {len(lost_2)} its replica never had"
+        # a tick without an event is one whose event failover 2 lost (the others lost their tick too)
+        assert without_event == sorted({(e.source_partition, e.source_offset) for e in lost_2
+                                        if held.get((e.source_partition, e.source_offset))
+                                        == (e.ts_code, e.tick_time.isoformat(), e.price)}), \
+            "ticks without an event that no failover explains"
 
         # every client: what it was sent since its last fresh start is exactly the stream's
         # events in that range (gapless, no repeat), or it was told recovered: false
@@ -229,12 +327,15 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
                 f"client of :{cl.port} has a gap or a lost id without being told recovered: false"
         lost_ids = sum(1 for cl in clients for i in set(cl.seen) if i not in set(stream_ids))
         marked = sum(1 for cl in clients for v in cl.verdicts if v is False)
-        if lost_ids:
-            assert marked >= 1, "clients held lost ids and none was told recovered: false"
-        print(f"\nfailover 1 (ticks partition {p}): replica serving after {took_1:.1f}s, rolled back to offset "
-              f"{rollback_to}, positions reused {repeated} (fence counted {reused:.0f}), worker rewinds {rewinds:.0f}")
-        print(f"failover 2 (strategy stream): replica serving after {took_2:.1f}s, regressions counted "
-              f"{regressions:.0f}, ids clients held that the stream lost {lost_ids}, subscribers resynced "
+        assert lost_ids >= 1, "no client held an id failover 2 lost: the kill did not land with work in flight"
+        assert resyncs >= 1 and marked >= 1, "clients held lost ids and none was closed to resync and told recovered: false"
+        print(f"\nfailover 1 (ticks partition {p}): replica serving {took_1:.1f}s after the kill; rolled back to "
+              f"offset {rollback_to}, {acked_1 - rollback_to} acknowledged ticks lost, {len(lost_1)} of them already "
+              f"joined (their events stay), positions reused {reused:.0f} (counted), worker rewinds {rewinds:.0f}")
+        print(f"failover 2 (strategy stream, ticks partitions {shared} too): replica serving {took_2:.1f}s after "
+              f"the kill; events lost {len(lost_2)} (writers counted {lost_counted:.0f}; {len(without_event)} of "
+              f"their ticks survived, now without an event), regressions "
+              f"counted {regressions:.0f}, ids clients held that the stream lost {lost_ids}, subscribers resynced "
               f"{resyncs:.0f}, resumes answered recovered:false {marked}")
         for cl in clients:
             print(f"client :{cl.port}: {len(cl.seen)} events, verdicts {cl.verdicts}, closes {cl.closes}")

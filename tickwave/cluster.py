@@ -168,6 +168,25 @@ class LocalCluster:
                 return next(n for n in self.nodes if n.port == port)
         raise ClusterError(f"master {master.address} has no live replica")
 
+    def cut_replication(self, replica: Node, timeout: float = 10.0) -> None:
+        """Cut `replica` off its master's writes: its link is dropped and its reconnects are refused
+        (an unknown replication user), so killing the master now loses everything the master
+        acknowledged since, as asynchronous replication can. (A SIGSTOPped replica loses nothing:
+        the kernel keeps what the master sent in its socket buffer.) For tests and drills."""
+        self._cmd(replica.port, "config", "set", "masteruser", "tickwave-cut")
+        self._cmd(replica.port, "config", "set", "masterauth", "tickwave-cut")
+        self._cmd(replica.port, "client", "kill", "type", "master")
+        deadline = time.monotonic() + timeout
+        while "master_link_status:up" in self._cmd(replica.port, "info", "replication"):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{replica.address} kept its replication link")
+            time.sleep(0.05)
+
+    def restore_replication(self, replica: Node) -> None:
+        """Undo `cut_replication`: the replica may reconnect (to whoever is master then)."""
+        self._cmd(replica.port, "config", "set", "masteruser", "")
+        self._cmd(replica.port, "config", "set", "masterauth", "")
+
     def _any(self) -> Node:
         return next(n for n in self.nodes if n.alive())
 

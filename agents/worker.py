@@ -238,7 +238,8 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
         if "joiner" not in state:
             client = connect(settings.redis_url or "")
             events = EventLog(client, keys, retention_ms=settings.event_retention_ms, maxlen=settings.event_maxlen,
-                              archive_group=settings.archive_group, hold_max_bytes=settings.event_hold_max_bytes)
+                              archive_group=settings.archive_group, hold_max_bytes=settings.event_hold_max_bytes,
+                              replica_wait_ms=settings.worker_replica_wait_ms)
             state["joiner"] = Joiner(client, keys, events)
         return state["joiner"]
 

@@ -20,7 +20,8 @@ from importlib.resources import files
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
-from redis.asyncio.cluster import RedisCluster
+import redis.exceptions as rex
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 
 from schemas.events import PriceChange
 from streams.codec import (
@@ -73,6 +74,12 @@ FAILOVER_LOST = Counter(
     "tickwave_events_failover_lost_total",
     "Events this writer appended that a failover lost (acknowledged by a master that died before "
     "its replica had them)",
+    ["strategy"],
+)
+REPLICA_UNACKED = Counter(
+    "tickwave_events_replica_unacknowledged_total",
+    "Appends no replica acknowledged within TICKWAVE_WORKER_REPLICA_WAIT_MS (WAIT 1; Redis Cluster only): "
+    "a failover of the stream's master now may lose them",
     ["strategy"],
 )
 FAILOVER_REUSED = Counter(
@@ -135,9 +142,12 @@ class EventLog:
         maxlen: int | None = None,
         archive_group: str | None = DEFAULT_ARCHIVE_GROUP,
         hold_max_bytes: int = DEFAULT_HOLD_MAX_BYTES,
+        replica_wait_ms: int = 0,
     ):
         """`archive_group` holds retention: trimming never removes what it has not acknowledged
-        until the stream's memory passes `hold_max_bytes` (0: no ceiling). None: nothing holds."""
+        until the stream's memory passes `hold_max_bytes` (0: no ceiling). None: nothing holds.
+        `replica_wait_ms` > 0 (Redis Cluster only): each append is followed by WAIT 1 on the same
+        connection, up to that long; an append no replica acknowledged in time is counted."""
         self.client = client
         self.keys = keys
         self._group, self._ceiling = archive_group or "", max(0, hold_max_bytes)
@@ -151,6 +161,7 @@ class EventLog:
         # the failover check (one INFO per append, streams/append_events.lua) only where a
         # replica can take over: a single server's user does not pay for it
         self._failover_check = isinstance(client, RedisCluster)
+        self._wait_ms = replica_wait_ms if self._failover_check else 0
         # the ids this writer appended lately, per strategy (cluster only): counted as lost when a
         # failover record says the stream kept less; a failover detected later than this many
         # appends after it undercounts
@@ -198,7 +209,10 @@ class EventLog:
                 raise ValueError(f"source {source[0]!r} would share a tick partition's position")
             args.extend(_event_args(event, source, generations[i] if generations is not None else None))
         with translated(f"append events to {strategy}"):
-            reply = await self._script(keys=self._keys_for(strategy), args=args)
+            if self._wait_ms:
+                reply = await self._append_and_wait(strategy, self._keys_for(strategy), args)
+            else:
+                reply = await self._script(keys=self._keys_for(strategy), args=args)
             if strategy not in self._registered or _text(reply[0]) == fresh_epoch:
                 # the strategies set lives on another slot: outside the script; registered again
                 # when the stream is new (a Redis that lost its data lost the set too)
@@ -208,6 +222,7 @@ class EventLog:
                 FAILOVER_REGRESSIONS.labels(strategy)
                 FAILOVER_REUSED.labels(strategy)
                 FAILOVER_LOST.labels(strategy)
+                REPLICA_UNACKED.labels(strategy)
         held, lost, reused, regressed = int(reply[1]), int(reply[2]), int(reply[3]), _text(reply[4])
         ids = [_text(i) for i in reply[6:] if i is not None]
         if regressed:
@@ -228,6 +243,41 @@ class EventLog:
             TRIMMED_UNARCHIVED.labels(strategy).inc(lost)
             self._log_loss(strategy, lost, held)
         return ids
+
+    async def _append_and_wait(self, strategy: str, keys: list[str], args: list[Any]) -> Any:
+        """The append script, then WAIT 1 <ms> on the same connection to the key's master.
+
+        WAIT counts the replicas that have every write *of its connection*, so the two must share
+        one: redis-py's cluster client picks a pooled connection per command (and keeps scripts
+        out of its pipelines), but the node owning the slot sends a list of commands down one
+        connection (ClusterNode.execute_pipeline, what its own pipelines use). NOSCRIPT loads the
+        script there and tries once more; anything else unusual (MOVED or ASK after a failover, a
+        lost connection) goes the ordinary way, with its retries, and is counted as not acknowledged."""
+        client = cast(RedisCluster, self.client)
+        try:
+            await client.initialize()  # a no-op once the slot map is known
+            node = client.get_node_from_key(keys[0])
+        except rex.RedisClusterException:  # the slot map is being rebuilt (a failover): the ordinary path
+            node = None
+        for _attempt in range(2 if node is not None and self._script.sha else 0):
+            assert node is not None
+            cmds = [PipelineCommand(0, "EVALSHA", self._script.sha, len(keys), *keys, *args),
+                    PipelineCommand(1, "WAIT", 1, self._wait_ms)]
+            try:
+                await node.execute_pipeline(cmds)
+            except (rex.ConnectionError, rex.TimeoutError, AttributeError):
+                break  # nothing known: the ordinary path (as redis-py's own retry would)
+            if isinstance(cmds[0].result, rex.NoScriptError):
+                with translated("load the append script"):
+                    await node.execute_command("SCRIPT", "LOAD", _APPEND_LUA)
+                continue
+            if isinstance(cmds[0].result, Exception):
+                break
+            if isinstance(cmds[1].result, Exception) or int(cmds[1].result) < 1:
+                REPLICA_UNACKED.labels(strategy).inc()
+            return cmds[0].result
+        REPLICA_UNACKED.labels(strategy).inc()
+        return await self._script(keys=keys, args=args)
 
     async def _count_lost(self, strategy: str, failovers: int) -> None:
         """When the stream's failover records grew: count the ids this writer appended past each

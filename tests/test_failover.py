@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from schemas.events import PriceChange
 from streams.codec import decode_event, decode_record, parse_id
 from streams.connection import connect
+from streams.events import EventLog
 from streams.keys import Keys
 from tests.driver_harness import wait_until
 from tests.test_pipeline_processes import STRATEGY, Proc, events_of, pipeline_env, seed_signals
@@ -149,7 +151,8 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
     readers: list[asyncio.Task[None]] = []
     try:
         signalled = await seed_signals(pg_url)
-        env = {**pipeline_env(c.url, pg_url, keys), "TICKWAVE_TICK_PARTITIONS": str(PARTITIONS)}
+        env = {**pipeline_env(c.url, pg_url, keys), "TICKWAVE_TICK_PARTITIONS": str(PARTITIONS),
+               "TICKWAVE_WORKER_REPLICA_WAIT_MS": "50"}
         ports = {name: free_port() for name in ("worker-a", "worker-b", "edge-a", "edge-b")}
         procs["relay"] = Proc("relay", ["relay"], env, tmp_path)
         procs["archive"] = Proc("archive", ["archive"], env, tmp_path)
@@ -256,6 +259,14 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
                 assert int(g[b"start"]) <= cut_offsets[q]
                 rolled_back[q] = (int(g[b"start"]), acked_2[q])
 
+        kept = holes[-1][1][b"after"].decode()
+        first_new = parse_id((await client.xrange(keys.events(STRATEGY), min=f"({kept}", count=1))[0][0].decode())
+
+        async def clients_live() -> bool:  # each client takes events the new master appended (after a resync)
+            return all(cl.since_resync and parse_id(cl.since_resync[-1]) >= first_new for cl in clients)
+
+        await wait_until(clients_live, 30, "a client did not take live events after failover 2",
+                         procs.values())  # type: ignore[arg-type]
         down = [n for n, proc in procs.items() if not proc.alive()]
         assert not down, f"processes ended: {down}"
 
@@ -280,6 +291,7 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
         regressions = await total("tickwave_events_failover_regressions_total", workers)
         lost_counted = await total("tickwave_events_failover_lost_total", workers)
         resyncs = await total("tickwave_edge_failover_resyncs_total", ("edge-a", "edge-b"))
+        unreplicated = await total("tickwave_events_replica_unacknowledged_total", workers)
 
         # the exact account: an event is "current" when the tick its position names is the tick
         # the topic holds there now; every tick held has one current event, except those whose
@@ -320,7 +332,8 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
         stream_ids = [i.decode() for i, f in await client.xrange(keys.events(STRATEGY)) if f[b"y"] == b"price"]
         for cl in clients:
             got = cl.since_resync
-            assert got, f"client of :{cl.port} received nothing after its last resync"
+            assert got, (f"client of :{cl.port} received nothing after its last resync (verdicts {cl.verdicts}, "
+                         f"closes {cl.closes}, {len(cl.seen)} events)")
             assert len(got) == len(set(got)), "a client was sent an event twice"
             lo, hi = parse_id(got[0]), parse_id(got[-1])
             assert got == [i for i in stream_ids if lo <= parse_id(i) <= hi], \
@@ -336,7 +349,8 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
               f"the kill; events lost {len(lost_2)} (writers counted {lost_counted:.0f}; {len(without_event)} of "
               f"their ticks survived, now without an event), regressions "
               f"counted {regressions:.0f}, ids clients held that the stream lost {lost_ids}, subscribers resynced "
-              f"{resyncs:.0f}, resumes answered recovered:false {marked}")
+              f"{resyncs:.0f}, resumes answered recovered:false {marked}; appends no replica acknowledged within "
+              f"50 ms: {unreplicated:.0f}")
         for cl in clients:
             print(f"client :{cl.port}: {len(cl.seen)} events, verdicts {cl.verdicts}, closes {cl.closes}")
     finally:
@@ -347,5 +361,46 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
             if proc.alive():
                 proc.proc.kill()
                 proc.proc.wait(5)
+        await client.aclose()
+        c.stop()
+
+
+async def test_wait_after_an_append_counts_what_no_replica_acknowledged_in_time(keys, tmp_path: Path):
+    """WAIT runs on the append's own connection: with the replica stopped, the append still lands
+    (the join goes on) after the bounded wait, and is counted; with it back, appends are acknowledged."""
+    from streams.events import REPLICA_UNACKED
+    from tests.factories import price_changes
+
+    c = local_cluster.LocalCluster(local_cluster.binary(), tmp_path / "cluster").start()
+    client = connect(c.url)
+    strategy = "volume_wave"
+    unacked = REPLICA_UNACKED.labels(strategy)
+    try:
+        log = EventLog(client, keys, replica_wait_ms=300)
+        changes = price_changes(30)
+        before = unacked._value.get()
+        assert len(await log.append_events(strategy, changes[:10])) == 10
+        assert len(await log.append_events(strategy, changes[10:20])) == 10
+        assert unacked._value.get() == before, "an append the replica has was counted as not acknowledged"
+
+        # several pooled connections to the master: WAIT on any but the append's own would see a
+        # replica that has every write *of that connection* and return at once
+        await asyncio.gather(*(client.xlen(keys.events(strategy)) for _ in range(8)))
+        await asyncio.sleep(1.5)  # the replica acknowledges (once a second) what those connections saw
+        replica = c.replica_of(c.master_of(keys.events(strategy)))
+        os.kill(replica.pid, signal.SIGSTOP)  # connected, but acknowledging nothing
+        try:
+            started = time.monotonic()
+            assert len(await log.append_events(strategy, changes[20:25])) == 5, "the append did not land"
+            waited = time.monotonic() - started
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        assert unacked._value.get() == before + 1, "an append no replica has was not counted"
+        assert 0.3 <= waited < 5, f"WAIT was not bounded by 300 ms: {waited:.2f} s"
+
+        await asyncio.to_thread(c.wait_healthy, 30)
+        assert len(await log.append_events(strategy, changes[25:])) == 5
+        assert unacked._value.get() == before + 1, "appends were not acknowledged once the replica was back"
+    finally:
         await client.aclose()
         c.stop()

@@ -86,7 +86,9 @@ def child_env(settings: EdgeSettings, redis_url: str, database_url: str) -> dict
             "TICKWAVE_KEY_PREFIX": settings.key_prefix, "TICKWAVE_TICK_PARTITIONS": str(settings.tick_partitions),
             "TICKWAVE_INGEST_METRICS_PORT": "0", "TICKWAVE_WORKER_METRICS_PORT": "0",
             "TICKWAVE_RELAY_METRICS_PORT": "0", "TICKWAVE_ARCHIVE_METRICS_PORT": "0",
-            "TICKWAVE_EDGE_HOST": settings.edge_host}
+            "TICKWAVE_EDGE_HOST": settings.edge_host,
+            # every master has a replica here: WAIT for it after each event append (docs/operations.md)
+            "TICKWAVE_WORKER_REPLICA_WAIT_MS": os.environ.get("TICKWAVE_WORKER_REPLICA_WAIT_MS", "50")}
 
 
 async def run_cluster(settings: EdgeSettings, options: RunOptions, stop: asyncio.Event,

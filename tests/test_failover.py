@@ -310,8 +310,9 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
         without_event = sorted(pos for pos in held if pos not in current)
         # the fence forgot, per rolled-back partition, the positions from the rollback point to
         # the highest one it had recorded
-        expected_reused = sum(max(o for q2, o in orphans if q2 == q) - rolled_back[q][0] + 1
-                              for q in rolled_back if any(q2 == q for q2, _ in orphans))
+        reused_per_partition = {q: max(o for q2, o in orphans if q2 == q) - rolled_back[q][0] + 1
+                                for q in rolled_back if any(q2 == q for q2, _ in orphans)}
+        expected_reused = sum(reused_per_partition.values())
         assert reused == expected_reused, f"the fence counted {reused} reused positions, expected {expected_reused}"
         assert rewinds >= 1, "no worker rewound the rolled-back partition"
         assert regressions >= 1, "no writer counted the strategy stream's failover"
@@ -344,7 +345,8 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
         assert resyncs >= 1 and marked >= 1, "clients held lost ids and none was closed to resync and told recovered: false"
         print(f"\nfailover 1 (ticks partition {p}): replica serving {took_1:.1f}s after the kill; rolled back to "
               f"offset {rollback_to}, {acked_1 - rollback_to} acknowledged ticks lost, {len(lost_1)} of them already "
-              f"joined (their events stay), positions reused {reused:.0f} (counted), worker rewinds {rewinds:.0f}")
+              f"joined (their events stay); positions reused per partition {reused_per_partition} (the fence counted "
+              f"{reused:.0f} in all), worker rewinds {rewinds:.0f}; rolled back: {rolled_back}")
         print(f"failover 2 (strategy stream, ticks partitions {shared} too): replica serving {took_2:.1f}s after "
               f"the kill; events lost {len(lost_2)} (writers counted {lost_counted:.0f}; {len(without_event)} of "
               f"their ticks survived, now without an event), regressions "

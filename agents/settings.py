@@ -70,6 +70,11 @@ class WorkerSettings(EventsSettings):
                     "is counted (tickwave_events_replica_unacknowledged_total) and the join goes on. See "
                     "docs/operations.md (WAIT)")
     worker_datadir: str | None = Field(None, description="faust's data directory (default: a new temporary one)")
+    worker_breadth: bool = Field(True, description="run the market breadth agent beside the join")
+    breadth_interval_s: float = Field(
+        3.0, ge=0.1, le=3600,
+        description="seconds between market breadth computations (one `market` stream entry each, when a tick "
+                    "arrived since the last)")
     worker_broker_options: str = Field(
         "", description="driver URL parameters added to the broker URL, e.g. 'session_timeout=3&heartbeat_interval=0.5'"
                         " (see docs/faust-redis.md)")

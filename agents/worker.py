@@ -7,7 +7,9 @@ Two agents on co-partitioned topics (both keyed by ts_code, the same partition c
   to the strategy's stream, exactly once by its outbox id;
 - `join` reads the `ticks` topic in batches (by default whatever has arrived, with no
   wait for more) and appends one PriceChange per strategy holding the stock through
-  `EventLog.append_events`, exactly once by the tick's (partition, offset).
+  `EventLog.append_events`, exactly once by the tick's (partition, offset);
+- `breadth` (agents/market.py) reads the ticks topic too and keeps the market breadth
+  table, from which the worker owning ticks partition 0 writes the `market` stream.
 
 Ticks are consumed at-least-once (the driver commits after processing); the append
 script's position check turns that into exactly-once output. Bad records go to the
@@ -43,6 +45,7 @@ from agents.join import (
     signal_source,
     signals_of,
 )
+from agents.market import add_breadth
 from agents.settings import WorkerSettings
 from schemas.events import PriceChange
 from schemas.market import SHANGHAI
@@ -285,6 +288,9 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
         async for batch in batches:
             records = [(e.message.partition, e.message.offset, e.key, e.value, _generation(e)) for e in batch]
             await joiner().join_ticks(records, lookup)
+
+    if settings.worker_breadth:
+        add_breadth(app, ticks, settings, partitions, arrived)
 
     @app.task
     async def freeze_startup_objects() -> None:

@@ -2,10 +2,16 @@
 (b) memory per idle connection beside a bare aiohttp WebSocket server, (c) resume of
 10,000 missed events beside a raw XRANGE of them. Loopback only, bounded in time.
 
-    python -m bench.edge [fanout|idle|resume|all] [--clients 1000] [--per-batch 25] [--seconds 10]
-                         [--idle 10000] [--missed 10000]
+    python -m bench.edge [fanout|idle|resume|all] [--clients 1000] [--client-procs 2] [--rate 100]
+                         [--per-append 1] [--edge-workers 1] [--seconds 10] [--idle 10000] [--missed 10000]
 
-Needs the `bench` extra (python-socketio) for (a).
+(a) runs its clients in --client-procs processes of their own (bench/pipeline_clients.py: picows,
+the same clients for both servers, speaking each one's protocol) and appends --rate events/s for
+--seconds; latency runs from each event's append (its Redis entry time; python-socketio's: when
+the bench published it) to its frame's arrival, and every client's deliveries are checked
+against the exact events published (lost, duplicated), with the close codes the server sent and
+the CPU of every process. The delivered rate is deliveries counted (up to 2 s after the last
+event) over --seconds. Needs the `bench` extra (python-socketio, picows).
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from agents.generator import PriceWalk
 from schemas.universe import default_universe
-from bench._common import drop_prefix, fresh_keys, line, redis_url
+from bench._common import CpuMeter, drop_prefix, fresh_keys, line, redis_url
+from bench.pipeline_clients import SOCKETIO, TICKWAVE, Delivered, Fleet
 from streams.connection import connect
 from streams.events import EventLog
 from streams.keys import Keys
@@ -67,18 +75,18 @@ async def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"server on {port} not healthy in {timeout}s")
 
 
-def start_edge(url: str, keys: Keys, port: int, log: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
-    """`tickwave edge` on `port`, logging warnings to `log` (else nowhere)."""
+def start_edge(url: str, keys: Keys, port: int, log: Path | None = None, workers: int = 1,
+               **env: str) -> subprocess.Popen[bytes]:
+    """`tickwave edge` on `port` (`--workers N` processes), logging warnings to `log` (else nowhere)."""
     full = {**os.environ, "REDIS_URL": url, "TICKWAVE_KEY_PREFIX": keys.prefix, "TICKWAVE_EDGE_PORT": str(port),
             "TICKWAVE_EDGE_HOST": "127.0.0.1", "TICKWAVE_EDGE_NODE": f"bench-{uuid.uuid4().hex[:6]}",
             "TICKWAVE_EDGE_MAX_CONNECTIONS_PER_IP": "100000", "TICKWAVE_LOG_LEVEL": "WARNING", **env}
     full.pop("DATABASE_URL", None)
+    argv = [sys.executable, "-m", "tickwave", "edge"] + (["--workers", str(workers)] if workers > 1 else [])
     if log is None:
-        return subprocess.Popen([sys.executable, "-m", "tickwave", "edge"], env=full,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(argv, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "tickwave", "edge"], env=full,
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, env=full, stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_script(module: str, port: int, url: str) -> subprocess.Popen[bytes]:
@@ -192,143 +200,141 @@ async def resume(url: str, missed: int) -> None:
 
 # --- (a) fan-out --------------------------------------------------------------------------
 
-class Tally:
-    def __init__(self) -> None:
-        self.events = 0
-        self.latencies: list[float] = []
-
-    def frame(self, rows: list[dict[str, Any]], now: float) -> None:
-        self.events += len(rows)
-        ingest = rows[0].get("ingest_ms")
-        if ingest:
-            self.latencies.append(now - ingest / 1000)
+SETTLE_S = 2.0  # after the last event, frames still on their way count; later ones are lost
 
 
-async def feed(write: Callable[[list[Any]], Awaitable[None]], walk: PriceWalk, seconds: float, per_batch: int,
-               every: float) -> int:
-    sent = 0
-    end = time.monotonic() + seconds
-    next_at = time.monotonic()
-    while time.monotonic() < end:
-        await write([walk.next_event() for _ in range(per_batch)])
-        sent += per_batch
+@dataclass
+class Fanout:
+    """One server's fan-out run: what it was fed and what the clients saw."""
+
+    sent: int
+    owed: int
+    got: Delivered
+    meter: CpuMeter
+    load: tuple[float, float]  # 1-minute load average before and after
+
+    def rate(self, seconds: float) -> float:
+        return self.got.delivered / seconds
+
+    def p99(self) -> float:
+        return percentile(self.got.ordered(), 0.99)
+
+    def summary(self) -> str:
+        g = self.got
+        return (f"p50 {percentile(g.ordered(), 0.5):8.1f} ms   p99 {self.p99():8.1f} ms   "
+                f"max {g.ordered()[-1] if g.ordered() else float('nan'):8.1f} ms   "
+                f"({g.delivered:,} deliveries counted of {self.owed:,}, {g.lost:,} lost (not in by {SETTLE_S:g} s after the last), "
+                f"{g.duplicated:,} duplicated; closed by the server: {g.closes()})")
+
+    def us_per_delivery(self) -> float:
+        """CPU of the server's processes per delivery: steadier than latency on a shared machine."""
+        used = sum(v for k, v in self.meter.used.items() if k.startswith(("edge", "socketio")))
+        return used / self.got.delivered * 1e6 if self.got.delivered else float("nan")
+
+    def cpu(self) -> str:
+        return (f"{self.meter.text()}; {self.us_per_delivery():.1f} µs of server CPU per delivery; "
+                f"load average {self.load[0]:.2f} -> {self.load[1]:.2f}")
+
+
+async def paced_feed(publish: Callable[[list[Any]], Awaitable[dict[str, float]]], walk: PriceWalk, seconds: float,
+                     rate: float, per_append: int) -> dict[str, float]:
+    """`rate` events/s for `seconds`, `per_append` at a time (late appends catch up); returns every
+    event id published with the time latency is measured from."""
+    every = per_append / rate
+    published: dict[str, float] = {}
+    total = int(rate * seconds)
+    start = next_at = time.monotonic()
+    while len(published) < total:
+        due = min(total, int(rate * (time.monotonic() - start)) + per_append)
+        if due > len(published):
+            published.update(await publish([walk.next_event() for _ in range(due - len(published))]))
         next_at += every
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-    return sent
+    return published
 
 
-async def fanout_ours(url: str, n: int, seconds: float, per_batch: int, every: float) -> tuple[float, Tally, int]:
+async def fanout_run(url: str, server: str, n: int, procs: int, seconds: float, rate: float, per_append: int,
+                     edge_workers: int) -> Fanout:
+    """`server` is "tickwave" or "socketio": the same picows clients (bench/pipeline_clients.py),
+    the same pacing and the same count against the exact events published."""
     keys = fresh_keys()
     client = connect(url)
-    log = EventLog(client, keys)
     port = free_port()
-    proc = start_edge(url, keys, port)
-    tally = Tally()
-    stop_at = [0.0]
     walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
-    try:
+    fleet: Fleet | None = None
+    publisher: Any = None
+    if server == TICKWAVE:
+        log = EventLog(client, keys)
         await log.append_events("bench", [walk.next_event()])  # only a strategy with events is subscribable
+        proc = start_edge(url, keys, port, workers=edge_workers)
+        ws_url = f"ws://127.0.0.1:{port}/ws"
+
+        async def publish(events: list[Any]) -> dict[str, float]:
+            # latency from the append: the entry id's time is Redis's clock when it appended
+            return {i: float(i.split("-", 1)[0]) for i in await log.append_events("bench", events)}
+    else:
+        import socketio
+
+        from schemas.messages import price_row
+
+        channel = f"sio-{uuid.uuid4().hex[:6]}"
+        proc = subprocess.Popen([sys.executable, "-m", "bench.edge_baselines.socketio_server", str(port)],
+                                env={**os.environ, "REDIS_URL": url, "SIO_CHANNEL": channel},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ws_url = f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+        publisher = socketio.AsyncRedisManager(url, channel=channel, write_only=True)
+        made = [0]
+
+        async def publish(events: list[Any]) -> dict[str, float]:
+            ms = time.time() * 1000
+            rows = []
+            for e in events:
+                made[0] += 1
+                rows.append(price_row(f"{int(ms)}-{made[0]}", orjson.loads(e.model_dump_json())))
+            await publisher.emit("price_update", {"type": "price_update", "data": rows, "count": len(rows),
+                                                  "target": "bench"}, room="bench")
+            return {r["event_id"]: ms for r in rows}
+    try:
         await wait_healthy(port, proc)
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        ready = asyncio.Event()
-        subscribed = [0]
-
-        async def one() -> None:
-            async with session.ws_connect(f"http://127.0.0.1:{port}/ws", max_msg_size=0) as ws:
-                await ws.receive()
-                await ws.send_str('{"type":"subscribe","target":"bench"}')
-                async for msg in ws:
-                    doc = json.loads(msg.data)
-                    if doc["type"] == "subscribed":
-                        subscribed[0] += 1
-                        if subscribed[0] == n:
-                            ready.set()
-                    elif doc["type"] == "price_update" and not doc.get("snapshot"):
-                        now = time.time()
-                        if now <= stop_at[0]:
-                            tally.events += doc["count"]
-                            tally.latencies.append(now - datetime.fromisoformat(doc["data"][0]["timestamp"]).timestamp())
-
-        tasks = [asyncio.create_task(one()) for _ in range(n)]
-        await asyncio.wait_for(ready.wait(), 120)
-        stop_at[0] = time.time() + seconds + 2  # count what arrives up to 2 s after the last send
-
-        async def write(events: list[Any]) -> None:
-            await log.append_events("bench", events)
-
-        sent = await feed(write, walk, seconds, per_batch, every)
-        await asyncio.sleep(2)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await session.close()
+        fleet = Fleet(ws_url, ["bench"] * n, procs, server)
+        await fleet.ready()
+        pids = {"edge" if server == TICKWAVE else "socketio": proc.pid, **fleet.pids(),
+                **{f"edge {i + 1}": pid for i, pid in enumerate(children(proc.pid))}}
+        load0 = os.getloadavg()[0]
+        async with CpuMeter(client, pids) as meter:
+            published = await paced_feed(publish, walk, seconds, rate, per_append)
+            await asyncio.sleep(SETTLE_S)
+        got = (await fleet.report([{"bench": published}]))[0]
+        return Fanout(len(published), len(published) * n, got, meter, (load0, os.getloadavg()[0]))
     finally:
+        if fleet is not None:
+            fleet.close()
         stop(proc)
         await drop_prefix(client, keys)
         await client.aclose()
-    return tally.events / (seconds + 2), tally, sent
 
 
-async def fanout_socketio(url: str, n: int, seconds: float, per_batch: int, every: float) -> tuple[float, Tally, int]:
-    import socketio
-
-    port = free_port()
-    channel = f"sio-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "REDIS_URL": url, "SIO_CHANNEL": channel}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.edge_baselines.socketio_server", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tally = Tally()
-    stop_at = [0.0]
-    clients: list[Any] = []
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (`tickwave edge --workers N`'s edge processes)."""
     try:
-        await wait_healthy(port, proc)
-        sem = asyncio.Semaphore(100)
-
-        async def one() -> None:
-            sio = socketio.AsyncClient(reconnection=False)
-
-            @sio.on("price_update")  # type: ignore[misc]
-            async def on_price(doc: dict[str, Any]) -> None:
-                now = time.time()
-                if now <= stop_at[0]:
-                    tally.events += doc["count"]
-                    tally.latencies.append(now - datetime.fromisoformat(doc["data"][0]["timestamp"]).timestamp())
-
-            async with sem:
-                await sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
-                await sio.call("subscribe", {"target": "bench"})
-            clients.append(sio)
-
-        await asyncio.gather(*(one() for _ in range(n)))
-        publisher = socketio.AsyncRedisManager(url, channel=channel, write_only=True)
-        walk = PriceWalk(default_universe().pick(20), "bench", seed=3)
-        stop_at[0] = time.time() + seconds + 2
-        from schemas.messages import price_row
-
-        async def write(events: list[Any]) -> None:
-            rows = [price_row(f"{int(time.time() * 1000)}-{i}", json.loads(e.model_dump_json()))
-                    for i, e in enumerate(events)]
-            await publisher.emit("price_update", {"type": "price_update", "data": rows, "count": len(rows),
-                                                  "target": "bench"}, room="bench")
-
-        sent = await feed(write, walk, seconds, per_batch, every)
-        await asyncio.sleep(2)
-        for sio in clients:
-            await sio.disconnect()
-    finally:
-        stop(proc)
-    return tally.events / (seconds + 2), tally, sent
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
-async def fanout(url: str, n: int, seconds: float, per_batch: int) -> None:
-    every = 0.05  # a batch every 50 ms: per_batch * 20 events/s into the stream, n deliveries each
-    ours, t_ours, sent = await fanout_ours(url, n, seconds, per_batch, every)
-    base, t_base, _ = await fanout_socketio(url, n, seconds, per_batch, every)
-    print(line(f"(a) fan-out, {n:,} clients, {sent / seconds:.0f} ev/s in", ours, "ev/s delivered", base,
+async def fanout(url: str, n: int, procs: int, seconds: float, rate: float, per_append: int,
+                 edge_workers: int) -> None:
+    ours = await fanout_run(url, TICKWAVE, n, procs, seconds, rate, per_append, edge_workers)
+    base = await fanout_run(url, SOCKETIO, n, procs, seconds, rate, per_append, 1)
+    workers = f", {edge_workers} edge processes" if edge_workers > 1 else ""
+    print(line(f"(a) fan-out, {n:,} clients, {rate:,.0f} ev/s in{workers}", ours.rate(seconds), "deliveries/s",
+               base.rate(seconds), "python-socketio + Redis manager"))
+    print(line(f"(a) append -> frame p99, {n:,} clients, {rate:,.0f} ev/s", ours.p99(), "ms", base.p99(),
                "python-socketio + Redis manager"))
-    for name, t in (("ours", t_ours), ("socketio", t_base)):
-        print(f"    {name:<9} p50 {percentile(t.latencies, 0.5) * 1000:8.1f} ms   "
-              f"p99 {percentile(t.latencies, 0.99) * 1000:8.1f} ms   ({t.events:,} deliveries counted)")
+    for name, run in (("ours", ours), ("socketio", base)):
+        print(f"    {name:<9} {run.summary()}")
+        print(f"    {'':<9} {run.cpu()}")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -340,7 +346,8 @@ async def main(args: argparse.Namespace) -> None:
         if args.what in ("idle", "all"):
             await idle(url, args.idle)
         if args.what in ("fanout", "all"):
-            await fanout(url, args.clients, args.seconds, args.per_batch)
+            await fanout(url, args.clients, args.client_procs, args.seconds, args.rate, args.per_append,
+                         args.edge_workers)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -348,7 +355,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["fanout", "idle", "resume", "all"])
     p.add_argument("--clients", type=int, default=1000, help="subscribed clients in (a)")
-    p.add_argument("--per-batch", type=int, default=25, help="events per 50 ms batch in (a)")
+    p.add_argument("--client-procs", type=int, default=2, help="processes the clients of (a) run in")
+    p.add_argument("--rate", type=float, default=100.0, help="events/s into the stream in (a)")
+    p.add_argument("--per-append", type=int, default=1, help="events per append in (a) (one append every "
+                                                                "per-append/rate seconds)")
+    p.add_argument("--edge-workers", type=int, default=1, help="edge processes on the one port in (a)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long (a) feeds events")
     p.add_argument("--idle", type=int, default=10_000, help="idle connections in (b)")
     p.add_argument("--missed", type=int, default=10_000, help="missed events replayed in (c)")

@@ -31,32 +31,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from array import array
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import aiohttp
 
 from agents.settings import WorkerSettings
 from bench import pipeline_clients
-from bench._common import line, redis_url
+from bench._common import CpuMeter, line, redis_url
 from bench.edge import raise_fd_limit, start_edge, wait_healthy
 from bench.edge import stop as stop_process
 from bench.pipeline_setup import (
     REPO,
     STRATEGIES,
-    CpuMeter,
     RawLoop,
     TapeTick,
     Target,
@@ -216,25 +212,20 @@ class Pushed:
     """What the clients saw of one phase's events."""
 
     run: Run
-    latencies: array = field(default_factory=lambda: array("d"))  # type: ignore[type-arg]
-    delivered: int = 0
+    got: pipeline_clients.Delivered
     owed: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    clients_with_loss: int = 0
     frames: float = 0  # price_update frames the edge sent during the phase (its /metrics)
 
     def ordered(self) -> list[float]:
-        if not hasattr(self, "_ordered"):
-            self._ordered = sorted(self.latencies)
-        return self._ordered
+        return self.got.ordered()
 
     def summary(self) -> str:
-        return (f"{quantiles(self.ordered())}   {self.delivered:,} of {self.owed:,} deliveries, "
-                f"{self.lost:,} lost, {self.duplicated:,} duplicated")
+        g = self.got
+        return (f"{quantiles(self.ordered())}   {g.delivered:,} of {self.owed:,} deliveries, "
+                f"{g.lost:,} lost, {g.duplicated:,} duplicated")
 
     def frames_text(self, seconds: float) -> str:
-        per_frame = self.delivered / self.frames if self.frames else float("nan")
+        per_frame = self.got.delivered / self.frames if self.frames else float("nan")
         return f"edge sent {self.frames / seconds:,.0f} price frames/s, {per_frame:.1f} events per frame"
 
 
@@ -252,38 +243,19 @@ async def push(url: str, target: Workers, clients: int, procs: int, seconds: flo
     """(c): the join path, then the bench appending the events itself, to the same clients."""
     port = free_port()
     edge = start_edge(url, target.keys, port, log=target.workdir / "edge.log")
-    ctx = multiprocessing.get_context("spawn")
-    pipes: list[Connection] = []
-    children = []
-    loop = asyncio.get_running_loop()
+    fleet: pipeline_clients.Fleet | None = None
     try:
         await wait_healthy(port, edge)
         strategies = [STRATEGIES[i % len(STRATEGIES)] for i in range(clients)]
-        for i in range(procs):
-            mine, theirs = ctx.Pipe()
-            child = ctx.Process(target=pipeline_clients.run, args=(theirs,), daemon=True)
-            child.start()
-            mine.send(("start", f"ws://127.0.0.1:{port}/ws", strategies[i::procs]))
-            pipes.append(mine)
-            children.append(child)
+        fleet = pipeline_clients.Fleet(f"ws://127.0.0.1:{port}/ws", strategies, procs)
         progress(f"(c): connecting {clients:,} clients in {procs} processes")
-
-        async def answer(conn: Connection, timeout: float) -> Any:
-            if not await loop.run_in_executor(None, conn.poll, timeout):
-                raise RuntimeError(f"a client process did not answer in {timeout:.0f} s")
-            reply = conn.recv()
-            if reply[0] == "failed":
-                raise RuntimeError(f"a client process failed: {reply[1]}")
-            return reply
-
-        retries = sum(r[1] for r in await asyncio.gather(*(answer(conn, 180) for conn in pipes)))
+        retries = await fleet.ready()
         progress(f"(c): {clients:,} clients subscribed")
         if retries:  # the run goes on: the edge's own reason, as its log says it
             tail = (target.workdir / "edge.log").read_text(errors="replace").splitlines()[-3:]
             progress(f"(c): {retries} subscribes resent after `unavailable`; the edge's log ends:\n"
                      + "\n".join(tail))
-        pids = {**target.pids(), "edge": edge.pid, **{f"clients {i + 1}": c.pid for i, c in enumerate(children)
-                                                      if c.pid is not None}}
+        pids = {**target.pids(), "edge": edge.pid, **fleet.pids()}
         runs, frames = [], []
         for name, write in (("through the join", target.write_ticks), ("appended by the bench", target.write_events)):
             before = await frames_sent(port)
@@ -292,31 +264,18 @@ async def push(url: str, target: Workers, clients: int, procs: int, seconds: flo
             frames.append(await frames_sent(port) - before)
         phases = []
         for run in runs:
-            ids: dict[str, list[str]] = defaultdict(list)
+            # latency from each event's tick time
+            ids: dict[str, dict[str, float]] = defaultdict(dict)
             for e in run.events:
-                ids[e.strategy].append(e.id)
+                ids[e.strategy][e.id] = e.tick_ms
             phases.append(dict(ids))
-        for conn in pipes:
-            conn.send(("report", phases))
-        reports = await asyncio.gather(*(answer(conn, 120) for conn in pipes))
-        out = [Pushed(run, frames=n) for run, n in zip(runs, frames)]
-        for _, results in reports:
-            for pushed, got in zip(out, results):
-                pushed.latencies.extend(got.latencies_ms)
-                pushed.delivered += got.delivered
-                pushed.lost += got.lost
-                pushed.duplicated += got.duplicated
-                pushed.clients_with_loss += got.clients_with_loss
+        reports = await fleet.report(phases)
         per_strategy = {s: strategies.count(s) for s in STRATEGIES}
-        for pushed in out:
-            pushed.owed = sum(per_strategy[e.strategy] for e in pushed.run.events)
-        return out
+        return [Pushed(run, got, sum(per_strategy[e.strategy] for e in run.events), n)
+                for run, got, n in zip(runs, reports, frames)]
     finally:
-        for child in children:
-            child.join(5)
-            if child.is_alive():
-                child.terminate()
-                child.join(5)
+        if fleet is not None:
+            fleet.close()
         stop_process(edge)
 
 

@@ -29,7 +29,7 @@ from schemas.events import PriceChange, Signal, SignalChange
 from schemas.market import SHANGHAI
 from schemas.universe import Listing, default_universe
 from streams.codec import EncodedRecord, decode_record_parts, encode_record, id_to_offset, record_generation
-from streams.connection import AnyRedis, connect
+from streams.connection import connect
 from streams.events import EventLog, RawEntry
 from streams.keys import Keys
 from streams.log import PartitionLog
@@ -120,60 +120,6 @@ def encoded(ticks: Sequence[TapeTick]) -> dict[int, list[EncodedRecord]]:
 
 
 # --- where ticks go in and events come out -------------------------------------------------
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, every core and process."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
-
-
-async def redis_cpu(client: AnyRedis) -> float:
-    info = await client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-class CpuMeter:
-    """CPU time of named processes (and Redis, by INFO) over a phase, as % of one core."""
-
-    def __init__(self, client: AnyRedis, pids: dict[str, int]):
-        self.client, self.pids = client, pids
-
-    async def __aenter__(self) -> CpuMeter:
-        self.t0 = time.monotonic()
-        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.start["redis"] = await redis_cpu(self.client)
-        self.start["bench"] = time.process_time()
-        self.machine = machine_busy()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        wall = time.monotonic() - self.t0
-        end = {name: cpu_seconds(pid) for name, pid in self.pids.items() if Path(f"/proc/{pid}").exists()}
-        end["redis"] = await redis_cpu(self.client)
-        end["bench"] = time.process_time()
-        self.used = {name: end[name] - self.start[name] for name in end}  # CPU seconds
-        self.shares = {name: used / wall * 100 for name, used in self.used.items()}
-        busy, total = machine_busy()
-        # the machine's busy share of all its cores, other sessions' processes included
-        self.busy = (busy - self.machine[0]) / (total - self.machine[1]) * (os.cpu_count() or 1) * 100
-
-    def joiners(self) -> float:
-        """CPU seconds of the processes doing the join (workers or raw loops)."""
-        return sum(used for name, used in self.used.items() if name.startswith(("worker", "raw")))
-
-    def text(self) -> str:
-        return ("CPU, % of one core: " + ", ".join(f"{name} {share:.0f}" for name, share in self.shares.items())
-                + f"; the whole machine {self.busy:.0f} of {(os.cpu_count() or 1) * 100}")
-
 
 class Target:
     """One key prefix with its topics declared: ticks go in, strategy events come out."""

@@ -1,7 +1,9 @@
 """One client connection's outbound side: a send queue bounded in bytes, conflation, 4008.
 
-Fan-out only appends here and never awaits the socket, so one slow client
-cannot delay the others; a writer task per connection drains the queue.
+Fan-out only appends here and never awaits the socket, so one slow client cannot delay
+the others. A frame for a connection with nothing queued is written straight to its
+transport (a frame shared by every subscriber of a batch is framed once, `Outgoing.frame`);
+only a connection with a backlog gets a writer task, which drains its queue and ends.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from edge import metrics
-from edge.frames import price_update
+from edge.frames import price_update, ws_frame
 from schemas.messages import ServerMessage
 
 log = logging.getLogger("tickwave.edge")
@@ -28,15 +30,51 @@ CLOSE_SLOW = 4008
 CLOSE_RESYNC = 4012
 # conflating this many times without the queue ever draining means the client cannot keep up
 MAX_CONFLATIONS_WITHOUT_DRAIN = 3
+# a frame goes straight to the transport while the kernel has taken nearly all that was written;
+# past this the connection is backlogged and its queue (cap, conflation, 4008) takes over
+DIRECT_MAX_BUFFERED = 64 * 1024
 
 
-@dataclass
+@dataclass(eq=False)
 class Outgoing:
     text: str
     kind: str
     ingest_ms: float | None = None
     # set for price updates, so they can be conflated: (target, epoch, rows)
     prices: tuple[str, str | None, list[dict[str, Any]]] | None = None
+    # one object put to many connections: its direct writes are counted in bulk (`account`)
+    shared: bool = False
+    written: int = 0
+    _payload: bytes | None = None
+    _frame: bytes | None = None
+
+    def payload(self) -> bytes:
+        if self._payload is None:
+            self._payload = self.text.encode()
+        return self._payload
+
+    def frame(self) -> bytes:
+        """The whole WebSocket text frame (server frames are unmasked: the same bytes for every client)."""
+        if self._frame is None:
+            self._frame = ws_frame(self.payload())
+        return self._frame
+
+
+def account(item: Outgoing, n: int) -> None:
+    """Metrics of `n` sends of one frame, at once (a shared frame goes to hundreds of clients)."""
+    if n <= 0:
+        return
+    metrics.MESSAGES_SENT.labels(item.kind).inc(n)
+    metrics.BYTES_SENT.inc(n * len(item.payload()))
+    if item.ingest_ms is not None:
+        metrics.observe_many(metrics.PUSH_LATENCY, max(0.0, time.time() - item.ingest_ms / 1000), n)
+
+
+def account_shared(items: Iterable[Outgoing]) -> None:
+    """Count the direct writes of shared frames made since the last call."""
+    for item in items:
+        account(item, item.written)
+        item.written = 0
 
 
 def conflate(queue: Iterable[Outgoing]) -> deque[Outgoing]:
@@ -64,7 +102,7 @@ def conflate(queue: Iterable[Outgoing]) -> deque[Outgoing]:
     return kept
 
 
-@dataclass
+@dataclass(eq=False)
 class Sender:
     ws: web.WebSocketResponse
     client_id: str
@@ -74,19 +112,20 @@ class Sender:
     queued_bytes: int = 0
     conflations: int = 0
     closed: bool = False
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _sent: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._drain(), name=f"send-{self.client_id}")
+    def __post_init__(self) -> None:
+        # a compressed connection (permessage-deflate) cannot take a frame framed for everyone
+        self.direct = self.transport is not None and not self.ws.compress
 
     async def stop(self) -> None:
         self.closed = True
-        if self._task:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the socket is going away
                 pass
 
@@ -124,11 +163,25 @@ class Sender:
     def put(self, item: Outgoing, *, may_conflate: bool = True) -> None:
         if self.closed:
             return
+        if not self.queue and self._task is None and self.direct and not self.ws.closed:
+            transport = self.transport
+            assert transport is not None
+            buffered = transport.get_write_buffer_size()
+            if buffered <= DIRECT_MAX_BUFFERED and not transport.is_closing():
+                if buffered == 0:
+                    self.conflations = 0  # all sent: the client is keeping up
+                transport.write(item.frame())
+                if item.shared:
+                    item.written += 1
+                else:
+                    account(item, 1)
+                return
         self.queue.append(item)
         self.queued_bytes += len(item.text)
         if may_conflate and self.backlog() > self.cap_bytes:
             self._conflate()
-        self._wake.set()
+        if self._task is None and not self.closed:
+            self._task = asyncio.create_task(self._drain(), name=f"send-{self.client_id}")
 
     def _conflate(self) -> None:
         self.queue = conflate(self.queue)
@@ -171,18 +224,21 @@ class Sender:
                 asyncio.get_running_loop().call_later(30, transport.abort)
 
     async def _drain(self) -> None:
-        while not self.closed:
-            if not self.queue:
-                if self.backlog() == 0:
-                    self.conflations = 0  # all sent: the client is keeping up
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            item = self.queue.popleft()
-            self.queued_bytes -= len(item.text)
-            await self.ws.send_str(item.text)
-            self._sent.set()
-            metrics.MESSAGES_SENT.labels(item.kind).inc()
-            metrics.BYTES_SENT.inc(len(item.text))
-            if item.ingest_ms is not None:
-                metrics.PUSH_LATENCY.observe(max(0.0, time.time() - item.ingest_ms / 1000))
+        """The writer of a backlogged connection: sends the queue in order (waiting for the
+        transport to drain between frames, as aiohttp does), then ends."""
+        try:
+            while self.queue and not self.closed:
+                item = self.queue.popleft()
+                self.queued_bytes -= len(item.text)
+                await self.ws.send_frame(item.payload(), WSMsgType.TEXT)
+                self._sent.set()
+                account(item, 1)
+        except (ConnectionError, RuntimeError):
+            # the socket went away under the writer: the handler's loop ends and closes the session
+            self.queue.clear()
+            self.queued_bytes = 0
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+            if not self.queue and self.backlog() == 0:
+                self.conflations = 0

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import cast
 
 from edge import metrics
-from edge.conn import Outgoing
+from edge.conn import Outgoing, account_shared
 from edge.frames import batch_of, price_update
 from edge.reader import Entries, Entry, Reader
 from edge.subscription import Subscription, outgoing
@@ -69,8 +69,11 @@ class StrategyTail:
         if batch is None:
             return
         shared = outgoing(batch)
+        for item in shared:
+            item.shared = True
         for sub in list(self.subs):
             sub.deliver(batch, shared)
+        account_shared(shared)
 
 
     def _failed_over(self, eid: bytes | str, after: str) -> None:
@@ -117,7 +120,7 @@ class StockTail:
 class Hub:
     def __init__(
         self, client: AnyRedis, keys: Keys, events: EventLog, *, node: str, reader: Callable[[], AnyRedis],
-        tick_partitions: int, max_tails: int = 1000, cluster_poll_ms: int = 50,
+        tick_partitions: int, max_tails: int = 1000, cluster_poll_ms: int = 50, batch_window_ms: float = 0,
     ):
         """`client` is the shared pool; `reader` opens a dedicated connection (one per Reader).
         `tick_partitions` is only the default for a ticks topic no one has declared yet."""
@@ -136,7 +139,7 @@ class Hub:
         self._lock = asyncio.Lock()
         self.event_reader = Reader("events", reader, client, handle=self._on_events,
                                    group=(self.group, self.consumer), recover=self._recover,
-                                   poll_ms=cluster_poll_ms)
+                                   poll_ms=cluster_poll_ms, window_ms=batch_window_ms)
         self.tick_reader = Reader("ticks", reader, client, handle=self._on_ticks, poll_ms=cluster_poll_ms)
 
     def _full(self) -> bool:

@@ -67,8 +67,11 @@ class Reader:
         group: tuple[str, str] | None = None,
         recover: Callable[[set[str]], Awaitable[None]] | None = None,
         poll_ms: int = 50,
+        window_ms: float = 0,
     ):
         self.name = name
+        self.window_s = window_ms / 1000
+        self._last_data = 0.0
         self._open = open_connection
         self.control = control
         self.handle, self.group, self.recover = handle, group, recover
@@ -156,6 +159,8 @@ class Reader:
                     await self.recover(missing)
                 self._advance(got)
                 await self.handle(got)
+                if self.window_s and any(entries for _, entries in got):
+                    await self._gather_window()
                 if self.cluster and not any(entries for _, entries in got):
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_ms / 1000)
@@ -178,6 +183,16 @@ class Reader:
                 log.exception("reader failed; retrying", extra={"reader": self.name})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
+
+    async def _gather_window(self) -> None:
+        """Entries arriving faster than one read per window: wait out the rest of the window before
+        the next read, so it takes all of them at once (one frame per subscriber, not one each).
+        An entry after a quiet spell is read at once: a single event never waits for a timer."""
+        now = time.monotonic()
+        since, self._last_data = now - self._last_data, now
+        if since < self.window_s:
+            await asyncio.sleep(self.window_s - since)
+            self._last_data = time.monotonic()
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 from edge.conn import Outgoing, Sender
 from edge.frames import Batch, price_update, signal_update
+from edge.market import market_update
 from streams.codec import parse_id
 
 Id = tuple[int, int]
@@ -27,6 +28,8 @@ def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
     if after is not None:
         rows = [r for r in rows if parse_id(r["event_id"]) > after]
         signals = [(i, s) for i, s in signals if parse_id(i) > after]
+    if batch.breadth:
+        return breadth_frames(batch, after)
     out: list[Outgoing] = []
 
     def flush(run: list[dict[str, Any]]) -> None:
@@ -51,6 +54,13 @@ def outgoing(batch: Batch, after: Id | None = None) -> list[Outgoing]:
     return out
 
 
+def breadth_frames(batch: Batch, after: Id | None = None) -> list[Outgoing]:
+    """A `market` stream batch: one market_update frame per breadth entry after `after` (the
+    stream holds breadth entries only)."""
+    return [Outgoing(market_update(batch.target, batch.epoch, i, doc), "market_update")
+            for i, doc in batch.breadth if after is None or parse_id(i) > after]
+
+
 @dataclass(eq=False)
 class Subscription:
     """One client's subscription to one target; buffers live events while its replay runs."""
@@ -67,12 +77,13 @@ class Subscription:
         if self.buffering:
             self.buffer.append(batch)
             return
-        if self.seen is not None and parse_id(batch.last_id) <= self.seen:
+        seen = self.seen
+        if seen is not None and batch.last <= seen:
             return
-        items = shared if self.seen is None or parse_id(batch.first_id) > self.seen else outgoing(batch, self.seen)
+        items = shared if seen is None or batch.first > seen else outgoing(batch, seen)
         for item in items:
             self.sender.put(item)
-        self.seen = parse_id(batch.last_id)
+        self.seen = batch.last
 
     def go_live(self, seen: Id | None) -> None:
         """End the replay: send buffered events newer than `seen`, then deliver live."""

@@ -15,6 +15,7 @@ from edge.auth import OPEN, AuthError, Grant, token_from
 from edge.conn import Outgoing, Sender
 from edge.frames import batch_of, price_update
 from edge.hub import NodeFull
+from edge.market import snapshot_frame
 from edge.subscription import Subscription, outgoing
 from edge.limits import TokenBucket
 from edge.state import EdgeState, state_key
@@ -178,6 +179,16 @@ class Session:
     async def _snapshot(self, sub: Subscription, msg: Subscribe) -> None:
         st = self.state
         epoch = await st.events.epoch(sub.target)
+        if sub.kind == "market":
+            # breadth's snapshot is the newest entry itself
+            newest = await st.events.latest(sub.target)
+            self.sender.send(Subscribed(subscription_type="market", target=sub.target, epoch=epoch,
+                                        event_id=newest.id if newest else None, id=msg.id))
+            frame = snapshot_frame(sub.target, epoch, newest)
+            if frame is not None:
+                self.sender.put(Outgoing(frame, "market_update"))
+            sub.go_live(parse_id(newest.id) if newest else None)
+            return
         # the newest id first, then the snapshot: an event appended in between is then both
         # in the snapshot and sent live (harmless), never in neither
         latest = await st.events.latest_id(sub.target)
@@ -227,7 +238,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         _refuse("connections_per_ip")
         return web.json_response({"error": "too many connections from this address",
                                   "limit": s.edge_max_connections_per_ip}, status=429)
-    ws = web.WebSocketResponse(heartbeat=s.edge_heartbeat_s, max_msg_size=s.edge_max_frame_bytes)
+    ws = web.WebSocketResponse(heartbeat=s.edge_heartbeat_s, max_msg_size=s.edge_max_frame_bytes,
+                               compress=s.edge_ws_compress)
     session: Session | None = None
     try:
         grant = OPEN
@@ -251,8 +263,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         session = Session(state, ws, grant, client_id, request.transport)  # type: ignore[arg-type]
         state.sessions.add(session)
         metrics.CONNECTIONS.inc()
-        session.sender.start()
-        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s))
+        session.sender.send(Connected(client_id=client_id, heartbeat=s.edge_heartbeat_s, node=s.edge_node))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 if not await session.handle(msg.data):

@@ -106,3 +106,31 @@ class PriceChange(_HasCode):
             source_partition=partition,
             source_offset=offset,
         )
+
+
+BreadthBoard = Literal["all", "sh_main", "sz_main", "chinext", "star", "beijing"]
+BREADTH_BOARDS: tuple[BreadthBoard, ...] = ("all", "sh_main", "sz_main", "chinext", "star", "beijing")
+
+
+class BreadthRow(Frozen):
+    """Market breadth of one board (or `all`) over the stocks with a tick on the trade date."""
+
+    board: BreadthBoard
+    advancers: int = Field(ge=0, description="stocks above their previous close")
+    decliners: int = Field(ge=0, description="stocks below their previous close")
+    unchanged: int = Field(ge=0, description="stocks at their previous close")
+    limit_up: int = Field(ge=0, description="stocks at (or above) their limit-up price")
+    limit_down: int = Field(ge=0, description="stocks at (or below) their limit-down price")
+    mean_change_percent: float = Field(description="mean percent change, exact, rounded to 4 places")
+    median_change_percent: float = Field(description="median percent change, exact, rounded to 4 places")
+    amount: float = Field(ge=0, description="yuan traded today: the cumulative amounts' sum, rounded to the fen")
+    count: int = Field(ge=0, description="stocks with a tick on the trade date")
+
+
+class Breadth(Frozen):
+    """One breadth computation for the whole market: the event of the `market` stream."""
+
+    trade_date: date
+    time: ShanghaiTime = Field(description="the newest tick time the figures include")
+    computed_at: ShanghaiTime
+    rows: list[BreadthRow]

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from schemas.base import Frozen
-from schemas.events import PriceChange, Signal, Tick
+from schemas.events import BreadthBoard, PriceChange, Signal, Tick
 from schemas.market import SHANGHAI, percent_change
 
 PROTOCOL_VERSION = 2
@@ -72,6 +72,7 @@ class Connected(ServerMessage):
     timestamp: datetime = Field(default_factory=_now)
     protocol: int = PROTOCOL_VERSION
     heartbeat: float = Field(description="seconds of silence after which the server closes")
+    node: str | None = Field(None, description="the edge node (process) serving this connection")
 
 
 class Subscribed(ServerMessage):
@@ -160,6 +161,48 @@ class SignalUpdate(ServerMessage):
     event_id: str | None = None
 
 
+class MarketRow(Frozen):
+    """One board's breadth in a `market_update` frame (a BreadthRow plus its time and event id)."""
+
+    board: BreadthBoard
+    advancers: int
+    decliners: int
+    unchanged: int
+    limit_up: int
+    limit_down: int
+    mean_change_percent: float
+    median_change_percent: float
+    amount: float
+    count: int
+    timestamp: datetime
+    event_id: str | None = None
+
+
+def breadth_rows(event_id: str | None, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The `market_update` rows (MarketRow dicts) from a Breadth-shaped document (the stored
+    event's JSON): the one builder of breadth rows, used on parsed JSON without models."""
+    stamp = doc["time"]
+    return [{**row, "timestamp": stamp, "event_id": event_id} for row in doc["rows"]]
+
+
+class MarketUpdate(ServerMessage):
+    """Market breadth per board, pushed to `market` subscribers (one frame per computation)."""
+
+    type: Literal["market_update"] = "market_update"
+    target: str = "market"
+    epoch: str | None = None
+    event_id: str | None = None
+    snapshot: bool = False
+    data: list[MarketRow]
+
+
+class MarketBreadth(Frozen):
+    """`GET /api/market/breadth`: the latest breadth."""
+
+    event_id: str
+    data: list[MarketRow]
+
+
 class SignalItem(Frozen):
     """One row of `GET /api/signals/buy`: a signal in the seed's list style (`code` beside `ts_code`)."""
 
@@ -227,11 +270,11 @@ class Error(ServerMessage):
 
 
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
-    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, Pong, Error,
+    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, MarketUpdate, Pong, Error,
 )
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (Subscribe, Unsubscribe, Ping)
 # HTTP API bodies with a schema of their own (the rest reuse the models above)
-HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList,)
+HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList, MarketBreadth)
 
 
 class ProtocolError(ValueError):

@@ -1,14 +1,24 @@
 -- Append records to one topic partition with dense offsets (entry id 0-<n>).
 -- Works on Redis 6.2 and 7.x, and in Cluster: both keys share one hash tag.
--- KEYS[1] partition stream, KEYS[2] its sequence counter, KEYS[3] its generation hash (Cluster only)
+-- KEYS[1] partition stream, KEYS[2] its sequence counter,
+-- KEYS[3] its generation hash (Redis Cluster only: see Generations below),
+-- KEYS[#KEYS] its compaction hash when ARGV[4] is 'compact' (see below)
 -- ARGV[1] MAXLEN (0 = no trimming), ARGV[2] codec version,
 -- ARGV[3] expected offset of the first record ('' = append wherever the partition is),
+-- ARGV[4] 'compact' for a compacting topic (a table changelog), else '',
 -- then five values per record: key, value, headers, timestamp ms, null flags
 -- ('v' when the value is None, else empty: the field is then left out).
 -- Returns the offset of the first record (its id is 0-<offset+1>), or the error
 -- OFFSETCONFLICT when an expected offset is given and the partition is elsewhere:
 -- then nothing is written. That check is the fence of a conditional writer (the signals
 -- relay): two writers that both believe the partition is at n cannot both append there.
+--
+-- Compaction (Kafka's cleanup.policy=compact, done at write time): the compaction hash (same
+-- slot) maps each record key to the offset of its latest entry; a keyed record XDELs the entry
+-- it supersedes, in this same call, so a partition keeps one entry per live key (a tombstone,
+-- value None, is a key's latest like any value). Records without a key are never compacted.
+-- The newest entry is never deleted, so the highwater's entry always exists and a reader
+-- going from earliest to highwater ends; offsets in between have gaps, as in Kafka.
 --
 -- Generations. Replication is asynchronous: when a replica takes over from a dead master, the
 -- last records the master acknowledged may be missing, and the counter with them, so offsets
@@ -20,7 +30,7 @@
 -- knows the offsets from <start> on are new records, and rewinds (streams/driver/consumer.py);
 -- the event fence does the same (streams/append_events.lua). Costs one INFO per call (about
 -- 9 us of server time, measured): only callers on a Redis Cluster, where a replica can take
--- over, pass KEYS[3]; without it (one server) there are no generations and no INFO.
+-- over, pass KEYS[3] (before the compaction hash); without it (one server) there are no generations and no INFO.
 local seq = redis.call('GET', KEYS[2])
 if seq then
   seq = tonumber(seq)
@@ -33,7 +43,8 @@ else
   end
 end
 local gen, start = 0, 0
-if #KEYS >= 3 then
+-- KEYS[3] is the generation hash only when there is a key beyond the compaction hash's
+if #KEYS >= 3 + (ARGV[4] == 'compact' and 1 or 0) then
   local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
   local g = redis.call('HMGET', KEYS[3], 'replid', 'gen', 'start')
   gen, start = tonumber(g[2] or '0'), tonumber(g[3] or '0')
@@ -49,10 +60,16 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= seq then
   return redis.error_reply('OFFSETCONFLICT expected ' .. ARGV[3] .. ' next ' .. seq)
 end
 local first = seq
+local compact = ARGV[4] == 'compact' and KEYS[#KEYS]
+if compact and first == 0 then
+  -- a partition starting from offset 0 (new, or its stream and counter deleted): offsets in a
+  -- hash left from before would name the new entries of other keys
+  redis.call('DEL', compact)
+end
 local maxlen = tonumber(ARGV[1])
-local n = (#ARGV - 3) / 5
+local n = (#ARGV - 4) / 5
 for i = 0, n - 1 do
-  local b = 4 + i * 5
+  local b = 5 + i * 5
   seq = seq + 1
   local args = {KEYS[1]}
   if maxlen > 0 and i == n - 1 then
@@ -80,6 +97,13 @@ for i = 0, n - 1 do
     args[#args + 1] = ARGV[b + 4]
   end
   redis.call('XADD', unpack(args))
+  if compact and ARGV[b] ~= '' then
+    local old = redis.call('HGET', compact, ARGV[b])
+    if old then
+      redis.call('XDEL', KEYS[1], '0-' .. (tonumber(old) + 1))
+    end
+    redis.call('HSET', compact, ARGV[b], seq - 1)
+  end
 end
 redis.call('SET', KEYS[2], seq)
 return first

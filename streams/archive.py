@@ -40,7 +40,8 @@ def row_from_entry(strategy: str, epoch: str, event_id: str, fields: dict[bytes,
     kind, version, body = event_parts(event_id, fields)
     try:
         doc = orjson.loads(body)
-        ts_code = doc["ts_code"] if kind == b"price" else doc["signal"]["ts_code"]
+        # a breadth entry (the `market` stream) is about no one stock: archived with ts_code ''
+        ts_code = doc["ts_code"] if kind == b"price" else doc["signal"]["ts_code"] if kind == b"signal" else ""
     except (KeyError, TypeError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise CorruptEntry(f"undecodable event: {exc!r}", event_id) from None
     if not isinstance(ts_code, str):

@@ -4,7 +4,8 @@ Topic records (dense-offset streams read by the faust driver and written by
 ingest) are four fields, `k` key, `v` value, `h` headers, `t` wall-clock ms,
 plus `c`, the codec version, and `n` = `v` when the value is None (a table
 tombstone must not come back as b""). Event entries (per-strategy streams with Redis
-time ids) are `e` the event JSON, `y` its type, `s` its schema version, `c`.
+time ids) are `e` the event JSON, `y` its type (`price`, `signal`, or `breadth` in the `market`
+stream), `s` its schema version, `c`.
 Decoding is the only place that looks at the version and applies upcasters.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import ValidationError
 
-from schemas.events import PriceChange, SignalChange
+from schemas.events import Breadth, PriceChange, SignalChange
 from streams.errors import CorruptEntry
 
 CODEC_VERSION = b"1"
@@ -145,11 +146,12 @@ def decode_record(entry_id: bytes | str, fields: Fields) -> Record:
 
 
 # --- events -----------------------------------------------------------------
-EventType = Literal["price", "signal"]
-Event = PriceChange | SignalChange
-_EVENT_CLASSES: dict[bytes, type[PriceChange] | type[SignalChange]] = {
+EventType = Literal["price", "signal", "breadth"]
+Event = PriceChange | SignalChange | Breadth
+_EVENT_CLASSES: dict[bytes, type[PriceChange] | type[SignalChange] | type[Breadth]] = {
     b"price": PriceChange,
     b"signal": SignalChange,
+    b"breadth": Breadth,
 }
 
 _VERSIONS = {cls: str(cls.SCHEMA_VERSION).encode() for cls in _EVENT_CLASSES.values()}
@@ -160,7 +162,9 @@ UPCASTERS: dict[tuple[bytes, int], Upcaster] = {}
 
 
 def event_type(event: Event) -> bytes:
-    return b"price" if isinstance(event, PriceChange) else b"signal"
+    if isinstance(event, PriceChange):
+        return b"price"
+    return b"breadth" if isinstance(event, Breadth) else b"signal"
 
 
 def encode_event_parts(event: Event) -> tuple[bytes, bytes, bytes]:
@@ -263,12 +267,16 @@ class StoredEvent:
 
     @property
     def kind(self) -> str:
-        """"price" or "signal"; KeyError for an entry without a type."""
+        """"price", "signal" or "breadth"; KeyError for an entry without a type."""
         return self.fields[b"y"].decode()
 
     @property
     def is_price(self) -> bool:
         return self.fields.get(b"y") == b"price"
+
+    @property
+    def is_breadth(self) -> bool:
+        return self.fields.get(b"y") == b"breadth"
 
     @property
     def schema_version(self) -> int:

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 import redis.exceptions as rex
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
 
-from schemas.events import PriceChange
+from schemas.events import Breadth, PriceChange
 from streams.codec import (
     CODEC_VERSION,
     Event,
@@ -122,6 +122,10 @@ def _event_args(event: Event, source: Position | None, generation: tuple[int, in
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
         snap: list[bytes | str | int] = [b"set", event.ts_code]
+    elif isinstance(event, Breadth):
+        # the `market` stream's snapshot is its newest entry: no snapshot hash row
+        position = [source[0], source[1]] if source else ["", 0]
+        snap = [b"", ""]
     else:
         position = [source[0], source[1]] if source else ["", 0]
         # a removed signal takes the stock out of the strategy's list
@@ -185,12 +189,13 @@ class EventLog:
     ) -> list[str]:
         """Append atomically; returns the ids written (events at old positions are skipped).
 
-        A PriceChange's position is its tick's (partition, offset). A SignalChange has
-        none of its own: `sources` (aligned with `events`) can give one, a (name, offset)
-        pair whose name must not be a tick partition number, e.g. ("signals.3", 17); a
-        SignalChange without one is always appended. `generations` (aligned with `events`) gives
-        each PriceChange's tick partition generation (gen, start) as the driver read it
-        (streams.codec.GENERATION_HEADER): a newer one lowers the fence to start - 1.
+        A PriceChange's position is its tick's (partition, offset). A SignalChange or a
+        Breadth has none of its own: `sources` (aligned with `events`) can give one, a
+        (name, offset) pair whose name must not be a tick partition number, e.g.
+        ("signals.3", 17) or ("breadth", interval number); one without is always appended.
+        `generations` (aligned with `events`) gives each PriceChange's tick partition
+        generation (gen, start) as the driver read it (streams.codec.GENERATION_HEADER): a
+        newer one lowers the fence to start - 1.
         """
         check_name(strategy, "strategy")
         if not events:
@@ -376,6 +381,12 @@ class EventLog:
     async def latest_id(self, strategy: str) -> str | None:
         """Id of the newest event, or None for an empty or unknown stream."""
         return await self._edge_id(strategy, newest=True)
+
+    async def latest(self, strategy: str) -> StoredEvent | None:
+        """The newest event (not yet decoded), or None for an empty or unknown stream."""
+        with translated(f"read events of {strategy}"):
+            raw = cast(list[RawEntry], await self.client.xrevrange(self.stream_key(strategy), count=1))
+        return lazy(raw[0][0], raw[0][1]) if raw else None
 
     async def first_id(self, strategy: str) -> str | None:
         """Id of the oldest event Redis still keeps."""

@@ -55,6 +55,11 @@ class Keys:
         partition's server changed under it (a replica promoted), at the offset it had then."""
         return f"{self.prefix}tgen:{{{check_topic(topic)}.{int(partition)}}}"
 
+    def topic_compaction(self, topic: str, partition: int) -> str:
+        """Hash record key -> offset of its latest entry, kept by the append script on a
+        compacting topic's partition (same slot as its stream)."""
+        return f"{self.prefix}ck:{{{check_topic(topic)}.{int(partition)}}}"
+
     def topic_meta(self, topic: str) -> str:
         """Hash of a topic's settings: partitions, retention."""
         return f"{self.prefix}tmeta:{{{check_topic(topic)}}}"
@@ -93,6 +98,12 @@ class Keys:
 
     def strategies(self) -> str:
         return f"{self.prefix}strategies"
+
+    # --- market breadth -------------------------------------------------
+    def breadth_partials(self) -> str:
+        """Hash ticks partition -> `<offset>\n<partial JSON>`: each partition's breadth partial,
+        combined into the `market` stream (same hash tag as that stream)."""
+        return f"{self.prefix}breadth:{{market}}"
 
     # --- dead letters -----------------------------------------------------
     def dead_letters(self, source: str) -> str:

@@ -8,7 +8,7 @@ another on Redis Cluster, where each is its own slot). Ingest writes through
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from importlib.resources import files
 from typing import Any, NamedTuple, cast
 
@@ -43,14 +43,18 @@ class RecordAppender:
         self._generations = isinstance(client, RedisCluster)
 
     def _call(
-        self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord], expected: int | None = None
+        self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord], expected: int | None = None,
+        compact: bool = False,
     ) -> list[Any]:
         topic, partition = tp
+        keys = [self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition)]
+        if self._generations:  # KEYS[3]: the script checks for a failover only when it is there
+            keys.append(self.keys.topic_generation(topic, partition))
+        if compact:  # the compaction hash goes last: the script finds it at KEYS[#KEYS]
+            keys.append(self.keys.topic_compaction(topic, partition))
         args: list[Any] = [
-            "EVALSHA", self._sha, 3 if self._generations else 2,
-            self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition),
-            *([self.keys.topic_generation(topic, partition)] if self._generations else []),
-            maxlen, CODEC_VERSION, "" if expected is None else int(expected),
+            "EVALSHA", self._sha, len(keys), *keys,
+            maxlen, CODEC_VERSION, "" if expected is None else int(expected), "compact" if compact else "",
         ]
         for rec in records:
             args.extend(rec)
@@ -65,10 +69,12 @@ class RecordAppender:
         batches: Mapping[TopicPartition, Sequence[EncodedRecord]],
         maxlen: Mapping[str, int] | None = None,
         expected: Mapping[TopicPartition, int] | None = None,
+        compacting: Collection[str] = (),
     ) -> dict[TopicPartition, int]:
         """Append each partition's records in order; returns partition -> first offset written.
 
-        `maxlen` caps a topic's partitions (MAXLEN ~). `expected` makes a partition's append
+        `maxlen` caps a topic's partitions (MAXLEN ~). On the `compacting` topics a keyed
+        record deletes the entry it supersedes (see append_records.lua). `expected` makes a partition's append
         conditional: it lands only if that partition's next offset is the one given, else
         OffsetConflict and nothing is written there; a conditional append redis-py retried
         after a lost reply conflicts with its own first landing, so it never lands twice (the
@@ -95,13 +101,14 @@ class RecordAppender:
                     for tp in calls:
                         try:
                             results.append(await self.client.execute_command(
-                                *self._call(tp, caps.get(tp[0], 0), todo[tp], wants.get(tp))))
+                                *self._call(tp, caps.get(tp[0], 0), todo[tp], wants.get(tp), tp[0] in compacting)))
                         except Exception as exc:  # noqa: BLE001 - sorted out below, like a pipeline reply
                             results.append(exc)
                 else:
                     pipe = self.client.pipeline(transaction=False)
                     for tp in calls:
-                        pipe.execute_command(*self._call(tp, caps.get(tp[0], 0), todo[tp], wants.get(tp)))
+                        pipe.execute_command(*self._call(tp, caps.get(tp[0], 0), todo[tp], wants.get(tp),
+                                                         tp[0] in compacting))
                     try:
                         results = await pipe.execute(raise_on_error=False)
                     finally:
@@ -125,11 +132,14 @@ class RecordAppender:
 class PartitionLog:
     """Append to one topic's partitions."""
 
-    def __init__(self, client: AnyRedis, keys: Keys, topic: str, *, maxlen: int | None = None):
+    def __init__(
+        self, client: AnyRedis, keys: Keys, topic: str, *, maxlen: int | None = None, compacting: bool = False,
+    ):
         self.client = client
         self.keys = keys
         self.topic = topic
         self.maxlen = maxlen or 0
+        self.compacting = compacting
         self._appender = RecordAppender(client, keys)
 
     def stream_key(self, partition: int) -> str:
@@ -149,7 +159,8 @@ class PartitionLog:
         """One pipelined round trip for several partitions; returns partition -> first offset."""
         firsts = await self._appender.append_many(
             {(self.topic, p): recs for p, recs in batches.items()}, {self.topic: self.maxlen},
-            {(self.topic, p): o for p, o in expected.items()} if expected else None)
+            {(self.topic, p): o for p, o in expected.items()} if expected else None,
+            (self.topic,) if self.compacting else ())
         return {p: first for (_topic, p), first in firsts.items()}
 
     async def tails(self, partitions: int) -> dict[int, Tail]:

@@ -32,6 +32,12 @@ class Smoke:
     lines: tuple[str, ...] = ()  # further lines the output must have (regular expressions)
 
 
+FANOUT_OURS = (r"^ +ours +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +\(80 deliveries counted of 80, 0 lost \(not in by 2 s after the last\), "
+               r"0 duplicated; closed by the server: none\)$")
+FANOUT_SOCKETIO = (r"^ +socketio +p50 +[\d.]+ ms +p99 +[\d.]+ ms +max +[\d.]+ ms +\([1-9][\d,]* deliveries counted "
+                   r"of 80, \d+ lost \(not in by 2 s after the last\), 0 duplicated; closed by the server: none\)$")
+FANOUT_CPU = r"^ +CPU, % of one core: edge \d+, clients 1 \d+, clients 2 \d+, redis \d+, bench \d+; .* load average"
+
 SMOKES = {
     "ingest": Smoke("python -m bench.ingest --ticks 300", ("file replay",)),
     "events": Smoke("python -m bench.events --events 300 --history 400", ("(a)", "(b)", "(c)"), database=True,
@@ -39,16 +45,26 @@ SMOKES = {
     "events replica wait": Smoke("python -m bench.events --replica-wait 20 --events 800", ("(d)", "(e)", "(f)")),
     "edge resume": Smoke("python -m bench.edge resume --missed 300", ("(c)",)),
     "edge idle": Smoke("python -m bench.edge idle --idle 50", ("(b)",)),
-    "edge fanout": Smoke("python -m bench.edge fanout --clients 3 --seconds 1 --per-batch 2", ("(a)",),
-                         lines=(r"^ +ours +p50 +[\d.]+ ms +p99 +[\d.]+ ms +\([1-9][\d,]* deliveries counted\)$",
-                                r"^ +socketio +p50 +[\d.]+ ms +p99 +[\d.]+ ms +\([1-9][\d,]* deliveries counted\)$")),
+    # clients in two processes of their own, the same ones for both servers; every event delivered
+    "edge fanout": Smoke("python -m bench.edge fanout --clients 4 --client-procs 2 --seconds 1 --rate 20",
+                         ("(a) fan-out", "(a) append -> frame p99"), lines=(FANOUT_OURS, FANOUT_SOCKETIO, FANOUT_CPU)),
+    "edge fanout workers": Smoke("python -m bench.edge fanout --clients 4 --seconds 1 --rate 20 --edge-workers 2",
+                                 ("(a) fan-out", "(a) append -> frame p99"),
+                                 lines=(FANOUT_OURS, r"^ +CPU, % of one core: edge \d+, clients 1 \d+, clients 2 \d+, "
+                                                     r"edge 1 \d+, edge 2 \d+, redis")),
     # thousands, not hundreds: the rate is taken between the first and last output seen
     # by a 20 ms poll, and needs more than one poll to be a number
     "driver": Smoke("python -m bench.driver --messages 3000", ("faust agent",),
                     lines=(r"^worker start to first output +[\d.]+ s$",)),
+    "compaction": Smoke("python -m bench.compaction --updates 3000 --keys 100",
+                        ("(a) append, compacting", "(b) memory, compacting", "(c) read the partition back"),
+                        lines=(r"compacted partition keeps 100 entries, plain 3,000$",)),
     "signals api": Smoke("python -m bench.signals_api --signals 50 --requests 120",
                          ("GET /api/signals/buy p50", "GET /api/signals/buy p99"), database=True),
     "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
+    "breadth": Smoke("python -m bench.breadth --stocks 300 --rate 300 --seconds 2",
+                     ("(a) worker CPU", "(b) breadth complete", "(c) breadth changelog"),
+                     lines=(r"^ +600 paced ticks consumed in [\d.]+ s with breadth, 600 in [\d.]+ s without$",)),
     # every part at once: a 300-stock market, 600-tick bursts, 1 s paced phases, 6 clients in 2 processes
     "pipeline": Smoke("python -m bench.pipeline --stocks 300 --signalled 30 --ticks 600 --rate 300 --seconds 1 "
                       "--clients 6 --client-procs 2",

@@ -20,9 +20,12 @@ from tests.driver_harness import wait_until
 from tests.edge_harness import EdgeProcess, edge_settings, running_edge
 from tests.factories import price_changes, signal_change
 from tests.tcp_proxy import TcpProxy
+from tests.test_edge_market import append as append_breadth
+from tests.test_edge_market import breadth
 from tickwave.client import (
     AuthRejected,
     Backoff,
+    BreadthEvent,
     Disconnected,
     PriceEvent,
     Resumed,
@@ -373,3 +376,32 @@ async def test_the_documented_example_runs(redis_url, redis, keys):
         finally:
             proc.terminate()
             await proc.wait()
+
+
+async def test_a_market_subscription_yields_typed_breadth_and_resumes_across_a_cut(redis_url, redis, keys):
+    """The `market` subscription: the latest breadth as the snapshot, then one BreadthEvent per
+    computation, resumed after a cut connection with no gap and no duplicate."""
+    log = EventLog(redis, keys)
+    first = [await append_breadth(log, n) for n in range(1, 4)]
+    async with running_edge(edge_settings(redis_url, keys)) as base:
+        proxy = await TcpProxy(int(base.rsplit(":", 1)[1])).start()
+        got = Collector(subscribe(proxy.url, "market", subscription_type="market", backoff=FAST, heartbeat=2.0))
+        try:
+            await wait_until(lambda: got.has(Snapshot), 10, "no snapshot")
+            snap = got.of(Snapshot)[0]
+            assert snap.event_id == first[-1] and snap.rows == ()
+            assert {r.board: r.advancers for r in snap.breadth} == {r.board: r.advancers for r in breadth(3).rows}
+            live = [await append_breadth(log, n) for n in range(4, 7)]
+            await wait_until(lambda: got.has(BreadthEvent, 3), 10, "live breadth did not arrive")
+            assert proxy.cut() == 1
+            down = [await append_breadth(log, n) for n in range(7, 12)]
+            await wait_until(lambda: got.has(BreadthEvent, 8), 10, "no resume after the cut")
+            await got.stop()
+            events = got.of(BreadthEvent)
+            assert [e.event_id for e in events] == live + down, "a gap or a duplicate across the cut"
+            assert [e.rows[0].advancers for e in events] == [breadth(n).rows[0].advancers for n in range(4, 12)]
+            resumed = got.of(Resumed)
+            assert len(resumed) == 1 and resumed[0].after_id == live[-1] and resumed[0].replayed == len(down)
+        finally:
+            got.sub.close()
+            await proxy.close()

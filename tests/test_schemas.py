@@ -18,6 +18,10 @@ from schemas.messages import (
     PriceItem,
     SignalItem,
     SignalList,
+    MarketBreadth,
+    MarketRow,
+    MarketUpdate,
+    breadth_rows,
     signal_row,
     PriceUpdate,
     ProtocolError,
@@ -45,6 +49,11 @@ SIGNAL = Signal(strategy="volume_wave", ts_code="600519.SH", name="贵州茅台"
                 signal_price=1480.0, confidence=0.8, reason="volume breakout")
 PRICE = PriceChange.from_tick(make_tick(), SIGNAL, ingest_time=NOW, partition=3, offset=42)
 
+MARKET_ROW = MarketRow.model_validate(breadth_rows("1764300000000-0", {
+    "time": "2026-11-24T10:00:03+08:00",
+    "rows": [{"board": "all", "advancers": 3, "decliners": 2, "unchanged": 1, "limit_up": 1, "limit_down": 0,
+              "mean_change_percent": 0.25, "median_change_percent": 0.1, "amount": 1234.5, "count": 6}]})[0])
+
 SAMPLES = [
     make_tick(),
     SIGNAL,
@@ -60,6 +69,8 @@ SAMPLES = [
     SignalUpdate(action="add", data=[SIGNAL], count=1, target="volume_wave", event_id="2-0"),
     Pong(id=3),
     SignalList(strategy="volume_wave", data=[SignalItem.model_validate(signal_row(SIGNAL.model_dump()))], count=1),
+    MarketUpdate(event_id="1764300000000-0", epoch="e1", data=[MARKET_ROW]),
+    MarketBreadth(event_id="1764300000000-0", data=[MARKET_ROW]),
     Error(error="bad", details={"field": "target"}, code=ErrorCode.BAD_MESSAGE),  # last: tests read SAMPLES[-1]
 ]
 

@@ -4,7 +4,8 @@
         ...
 
 yields one typed event per price row (`PriceEvent`, a `PriceItem` with its event id) and
-per signal change (`SignalEvent`), plus what a client must act on: the list to start from
+per signal change (`SignalEvent`), one `BreadthEvent` per market breadth computation on a
+`subscription_type="market"` subscription, plus what a client must act on: the list to start from
 (`Snapshot`), a resume that worked (`Resumed`) or could not (`ResumeLost`, with the
 snapshot that replaces the list), and a dropped connection (`Disconnected`, with the
 delay before the next try). It reconnects by itself with exponential backoff and jitter
@@ -31,7 +32,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from schemas.events import Signal, SignalChange
-from schemas.messages import PriceItem
+from schemas.messages import MarketRow, PriceItem
 
 log = logging.getLogger("tickwave.client")
 
@@ -83,14 +84,26 @@ class SignalEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class BreadthEvent:
+    """One market breadth computation (`market` subscriptions): a row per board and "all"."""
+
+    event_id: str
+    epoch: str | None
+    target: str
+    rows: tuple[MarketRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The latest price of every stock of the target: replace the list with `rows`.
-    Events after `event_id` (the newest when the snapshot was taken) follow live."""
+    Events after `event_id` (the newest when the snapshot was taken) follow live.
+    On a `market` subscription `rows` is empty and `breadth` holds the latest computation."""
 
     target: str
     epoch: str | None
     event_id: str | None
     rows: tuple[PriceItem, ...]
+    breadth: tuple[MarketRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +138,7 @@ class Disconnected:
     retry_in: float
 
 
-Event = PriceEvent | SignalEvent | Snapshot | Resumed | ResumeLost | Disconnected
+Event = PriceEvent | SignalEvent | BreadthEvent | Snapshot | Resumed | ResumeLost | Disconnected
 
 
 # --- reconnect policy ------------------------------------------------------------------
@@ -301,17 +314,21 @@ class Subscription:
                         yield Resumed(self.target, self.epoch, resume_from, int(doc.get("replayed", 0)))
                     else:
                         snapshot_at = (doc.get("epoch"), doc.get("event_id"))
-                elif kind == "price_update" and doc.get("target") == self.target:
-                    rows = _rows(doc)
+                elif kind in ("price_update", "market_update") and doc.get("target") == self.target:
+                    rows, breadth = (_rows(doc), ()) if kind == "price_update" else ((), _breadth(doc))
                     if doc.get("snapshot"):
                         if snapshot_at is None:
                             continue  # not ours: a snapshot only answers our subscribe
-                        snap = Snapshot(self.target, snapshot_at[0], snapshot_at[1], tuple(rows))
+                        snap = Snapshot(self.target, snapshot_at[0], snapshot_at[1], tuple(rows), tuple(breadth))
                         self.epoch, self.last_event_id = snapshot_at
                         snapshot_at = None
                         yield ResumeLost(self.target, resume_from, resume_epoch, snap) if resume_from else snap
                         continue
                     epoch = doc.get("epoch", self.epoch)
+                    if kind == "market_update":
+                        self._seen(doc["event_id"])
+                        yield BreadthEvent(doc["event_id"], epoch, self.target, tuple(breadth))
+                        continue
                     for row in rows:
                         event_id = row.event_id or ""
                         self._seen(event_id)  # before the yield: a consumer that stops here has it
@@ -355,6 +372,15 @@ def _rows(doc: dict[str, Any]) -> list[PriceItem]:
         return [PriceItem.model_validate(row) for row in doc["data"]]
     except (KeyError, TypeError, ValidationError) as exc:
         raise _Retry(f"unreadable price_update: {exc}") from None
+
+
+def _breadth(doc: dict[str, Any]) -> list[MarketRow]:
+    try:
+        if not doc.get("snapshot") and not isinstance(doc.get("event_id"), str):
+            raise ValueError("a live market_update without its event_id")
+        return [MarketRow.model_validate(r) for r in doc["data"]]
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise _Retry(f"unreadable market_update: {exc}") from None
 
 
 def _key(event_id: str) -> tuple[int, int]:

@@ -350,6 +350,8 @@ class Consumer(base.Consumer):
                 offset = start
             if client and offset is not None:
                 offset = max(offset, low)  # retention may have trimmed past it
+            if offset is not None and offset < low and self._compacting(tp):
+                low = offset  # compacted away, not trimmed (compacting topics never are): read on from there
             if offset is None or not low <= offset <= high:
                 offset = high if latest else low
             self._positions[tp] = offset
@@ -381,6 +383,10 @@ class Consumer(base.Consumer):
         self._acked_index[tp].clear()
         self._gap[tp].clear()
         self._committed_offset[tp] = None
+
+    def _compacting(self, tp: TP) -> bool:
+        settings = self.transport.topics.cached(tp.topic)
+        return bool(settings and settings.compacting)
 
     def _set_position(self, tp: TP, offset: int | None) -> None:
         self._seeks[tp] += 1
@@ -534,6 +540,8 @@ class Consumer(base.Consumer):
             if self._seeks[tp] != seeks[tp] or tp not in self._assigned or not entries:
                 continue  # sought or revoked while the read was in flight
             position = read_from = self._positions[tp]
+            # a gap in a compacting topic is compaction, not trimming: Kafka too reads on from there
+            compacting = self._compacting(tp)
             messages: list[ConsumerMessage] = []
             bad: list[tuple[tuple[bytes, dict[bytes, bytes]], Exception]] = []
             rewind: int | None = None
@@ -545,7 +553,7 @@ class Consumer(base.Consumer):
                     if start < read_from:
                         rewind = start
                         break
-                if offset > position and latest and not messages and not bad:
+                if offset > position and latest and not messages and not bad and not compacting:
                     # trimmed past this position: Kafka's OffsetOutOfRange, reset to the end
                     position = (await topics.watermarks([tp]))[tp][1]
                     break

@@ -187,11 +187,14 @@ class Producer(base.Producer):
         if self._appender is None:
             self._appender = RecordAppender(self.transport.redis, topics.keys)
         maxlen = {}
+        compacting = set()
         for topic, _partition in groups:
             settings = topics.cached(topic)
             maxlen[topic] = settings.maxlen if settings else 0
+            if settings and settings.compacting:
+                compacting.add(topic)
         return await self._appender.append_many(
-            {tp: [q.record for q in items] for tp, items in groups.items()}, maxlen)
+            {tp: [q.record for q in items] for tp, items in groups.items()}, maxlen, compacting=compacting)
 
     @Service.task
     async def _trimmer(self) -> None:
@@ -222,7 +225,8 @@ class Producer(base.Producer):
         deleting: bool | None = None,
         ensure_created: bool = False,
     ) -> None:
-        """Declare a topic: its partition count, and retention turned into MINID/MAXLEN trimming."""
+        """Declare a topic: its partition count, retention turned into MINID/MAXLEN trimming,
+        compaction (faust declares table changelogs compacting)."""
         await self.transport.create_topic(topic, partitions, config=config, retention=retention,
                                           compacting=compacting)
 

@@ -39,7 +39,7 @@ class Topics:
 
     async def ensure(
         self, topics: Iterable[str], *, partitions: int | None = None,
-        retention_ms: int = 0, maxlen: int = 0,
+        retention_ms: int = 0, maxlen: int = 0, compacting: bool | None = None,
     ) -> dict[str, TopicSettings]:
         """Settings of each topic, creating the missing ones (first writer wins, like Kafka's
         auto-create): one pipelined round trip for all of them."""
@@ -47,13 +47,16 @@ class Topics:
         names = [t for t in dict.fromkeys(topics) if t not in self._settings]
         self._settings.update(await declare(
             self.client, self.keys, names, partitions=partitions or self.default_partitions,
-            retention_ms=retention_ms, maxlen=maxlen))
+            retention_ms=retention_ms, maxlen=maxlen, compacting=compacting))
         return {t: self._settings[t] for t in topics}
 
-    async def create(self, topic: str, partitions: int, *, retention_ms: int = 0, maxlen: int = 0) -> TopicSettings:
+    async def create(
+        self, topic: str, partitions: int, *, retention_ms: int = 0, maxlen: int = 0, compacting: bool | None = None,
+    ) -> TopicSettings:
         """Declare a topic; an existing one keeps its settings (logged when they differ)."""
         self._settings.pop(topic, None)
-        settings = (await self.ensure([topic], partitions=partitions, retention_ms=retention_ms, maxlen=maxlen))[topic]
+        settings = (await self.ensure([topic], partitions=partitions, retention_ms=retention_ms, maxlen=maxlen,
+                                      compacting=compacting))[topic]
         if settings.partitions != partitions:
             note(WARNING, "topic exists with other settings", topic=topic, partitions=settings.partitions, asked=partitions)
         return settings

@@ -204,14 +204,17 @@ class Transport(base.Transport):
         retention: Any = None, compacting: bool | None = None,
     ) -> TopicSettings:
         """Declare a topic. Retention comes from `retention` (seconds) or config `retention.ms`,
-        a length cap from config `redis.maxlen`; a compacted topic (a changelog) is never trimmed."""
+        a length cap from config `redis.maxlen`. A compacting topic (a table's changelog) keeps
+        one entry per key (the append script deletes the entry a record supersedes) and is
+        never trimmed: trimming would lose the latest value of keys not updated lately."""
         config = dict(config or {})
         retention_ms = int(config.get("retention.ms") or (want_seconds(retention) * 1000 if retention else 0))
         maxlen = int(config.get("redis.maxlen", 0))
         if compacting:
             retention_ms = maxlen = 0
         await self.check_topics([topic])
-        return await self.topics.create(topic, partitions, retention_ms=retention_ms, maxlen=maxlen)
+        return await self.topics.create(topic, partitions, retention_ms=retention_ms, maxlen=maxlen,
+                                        compacting=compacting)
 
     def producer_partition(self, topic: str, key: bytes) -> int:
         """The shared murmur2 partitioner, with the topic's stored partition count."""

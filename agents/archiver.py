@@ -15,13 +15,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from prometheus_client import Counter, Gauge
 
 from streams import groups
 from streams.archive import ArchiveRow, ArchiveStore, row_from_entry
 from streams.codec import id_after, id_before, parse_id
-from streams.connection import AnyRedis
+from streams.connection import AnyRedis, execute
 from streams.deadletter import dead_letter
 from streams.errors import (
     ArchiveUnavailable,
@@ -33,6 +34,8 @@ from streams.errors import (
 )
 from streams.events import DEFAULT_ARCHIVE_GROUP, EventLog, Gap
 from streams.keys import Keys
+from streams.klines import BarArchive, BarLog, decoded, partitions_with_bars
+from streams.topics import stored
 
 log = logging.getLogger("tickwave.archiver")
 
@@ -47,6 +50,49 @@ LOST = Counter("tickwave_archive_lost_events_total",
                "Events known to be missing from the archive (gaps of unknown size add nothing)", ["strategy"])
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+BARS_ARCHIVED = Counter("tickwave_archive_bars_total", "1-minute K-line bars archived into PostgreSQL")
+BARS_EVERY_S = 1.0
+
+
+class BarArchiver:
+    """Copies new 1-minute bars into `kline_archive`, then records per stock the newest archived
+    id in the partition's `klarch` hash, which the bar append never trims past. No consumer
+    group: one XRANGE per stock from its recorded id, pipelined per partition."""
+
+    def __init__(self, client: AnyRedis, keys: Keys, store: BarArchive, *, batch: int = 1000):
+        self.client, self.keys, self.store, self.batch = client, keys, store, batch
+
+    async def round(self) -> int:
+        """Archive what is new in every bar stream; returns bars archived."""
+        settings = await stored(self.client, self.keys, "ticks")
+        if settings is None:
+            return 0
+        log_ = BarLog(self.client, self.keys)
+        total = 0
+        for partition, codes in (await partitions_with_bars(self.client, self.keys, settings.partitions)).items():
+            epoch = await log_.epoch(partition)
+            if epoch is None:
+                continue
+            with translated("read archived bar ids"):
+                raw = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.kline_archived(partition)))
+            marks = {k.decode(): v.decode() for k, v in raw.items()}
+            pipe = self.client.pipeline(transaction=False)
+            for code in codes:
+                after = marks.get(code)
+                pipe.xrange(self.keys.kline(partition, code), min=f"({after}" if after else "-", count=self.batch)
+            replies = await execute(pipe, "read bars to archive")
+            bars = [b for raw in replies for b in decoded(raw or [])]
+            if not bars:
+                continue
+            await self.store.write(epoch, bars)  # commit first ...
+            newest: dict[str | bytes, str | bytes] = {}
+            for b in bars:
+                newest[b.ts_code] = b.event_id or ""
+            with translated("record archived bar ids"):
+                await self.client.hset(self.keys.kline_archived(partition), mapping=newest)  # type: ignore[arg-type]  # ... then record
+            BARS_ARCHIVED.inc(len(bars))
+            total += len(bars)
+        return total
 
 
 @dataclass
@@ -84,6 +130,8 @@ class Archiver:
         self._epochs: dict[str, str] = {}
         self._last_refresh = 0.0
         self._last_lag = 0.0
+        self.bars = BarArchiver(client, keys, BarArchive(store.pool))
+        self._last_bars = 0.0
 
     async def _refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_refresh < self.refresh_s:
@@ -289,6 +337,9 @@ class Archiver:
                     await self._move_gap_records()
                     await self._recover_pending()
                     recovered = True
+                if time.monotonic() - self._last_bars > BARS_EVERY_S:
+                    self._last_bars = time.monotonic()
+                    await self.bars.round()
                 if time.monotonic() - last_claim > self.claim_idle_ms / 1000:
                     await self._recover_pending()
                     last_claim = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Literal
 
 from pydantic import Field
 
@@ -78,6 +79,19 @@ class WorkerSettings(EventsSettings):
     worker_broker_options: str = Field(
         "", description="driver URL parameters added to the broker URL, e.g. 'session_timeout=3&heartbeat_interval=0.5'"
                         " (see docs/faust-redis.md)")
+    kline_enabled: bool = Field(True, description="run the K-line agent: 1-minute bars of every stock")
+    kline_sessions: Literal["exchange", "always"] = Field(
+        "exchange", description="'exchange': bars on the A-share session clock; 'always': every minute is a bar "
+                                "minute (a simulator that ignores the exchange's clock)")
+    kline_grace_ms: int = Field(
+        500, ge=0, le=60_000,
+        description="a bar closes once its partition's clock passes the minute's end by this much (ticks of "
+                    "other stocks stamped slightly earlier still count)")
+    kline_maxlen: int = Field(480, ge=0, description="1-minute bars kept in Redis per stock (0: all)")
+    kline_timer_s: float = Field(0.05, gt=0, le=5, description="how often quiet partitions' bars are closed by the clock")
+    kline_live_s: float = Field(
+        1.0, ge=0, le=60, description="how often the open 1-minute bars that changed are published to kline "
+                                      "subscribers as live partial bars (closed: false); 0: never")
 
 
 class RelaySettings(CommonSettings):

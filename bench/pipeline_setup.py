@@ -199,12 +199,13 @@ class Target:
 class WorkerProc:
     """`tickwave worker` in its own process, logging to a file in the bench's work directory."""
 
-    def __init__(self, url: str, keys: Keys, partitions: int, workdir: Path, name: str):
+    def __init__(self, url: str, keys: Keys, partitions: int, workdir: Path, name: str,
+                 extra_env: dict[str, str] | None = None):
         self.name = name
         self.logfile = workdir / f"{name}.log"
         env = {**os.environ, "REDIS_URL": url, "TICKWAVE_KEY_PREFIX": keys.prefix,
                "TICKWAVE_WORKER_METRICS_PORT": "0", "TICKWAVE_TICK_PARTITIONS": str(partitions),
-               "TICKWAVE_WORKER_DATADIR": str(workdir / name)}
+               "TICKWAVE_WORKER_DATADIR": str(workdir / name), **(extra_env or {})}
         env.pop("DATABASE_URL", None)
         with open(self.logfile, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "tickwave", "worker"], cwd=REPO, env=env,
@@ -220,9 +221,11 @@ class WorkerProc:
 class Workers(Target):
     """`n` join workers on a fresh prefix, holding their partitions, with every signal applied."""
 
-    def __init__(self, url: str, market: Market, partitions: int, n: int, workdir: Path):
+    def __init__(self, url: str, market: Market, partitions: int, n: int, workdir: Path,
+                 extra_env: dict[str, str] | None = None):
+        """`extra_env`: settings of the worker processes beyond the bench's (e.g. TICKWAVE_KLINE_ENABLED)."""
         super().__init__(url, market, partitions)
-        self.n, self.workdir = n, workdir
+        self.n, self.workdir, self.extra_env = n, workdir, extra_env
         self.label = "one worker" if n == 1 else f"{n} workers"
         self.procs: list[WorkerProc] = []
 
@@ -230,8 +233,8 @@ class Workers(Target):
         await super().__aenter__()
         started = time.monotonic()
         tag = self.keys.prefix.split(":")[1]
-        self.procs = [WorkerProc(self.url, self.keys, self.partitions, self.workdir, f"worker-{tag}-{i}")
-                      for i in range(self.n)]
+        self.procs = [WorkerProc(self.url, self.keys, self.partitions, self.workdir, f"worker-{tag}-{i}",
+                                self.extra_env) for i in range(self.n)]
         await self.wait(self.all_own_partitions, 120, "the workers never held the tick partitions")
         await self.send_signals()
         await self.wait(self.signals_applied, 60, "the signals were never applied")

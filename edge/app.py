@@ -18,6 +18,7 @@ from edge.settings import EdgeSettings
 from edge.signal_lists import SignalLists
 from edge.state import EdgeState, state_key
 from edge.ws import websocket
+from edge.klines import kline_api
 from streams.archive import ArchiveStore
 from streams.connection import connect, dedicated
 from streams.events import EventLog
@@ -100,6 +101,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app.router.add_get("/api/strategies", api.strategies)
     app.router.add_get("/api/strategies/{strategy}/snapshot", api.snapshot)
     app.router.add_get("/api/strategies/{strategy}/events", api.events)
+    app.router.add_get("/api/stocks/{ts_code}/kline", kline_api)
     app.router.add_get("/api/market/breadth", market.breadth)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)

@@ -21,6 +21,7 @@ from typing import cast
 from edge import metrics
 from edge.conn import Outgoing, account_shared
 from edge.frames import batch_of, price_update
+from edge.klines import KlineSub, KlineTails
 from edge.reader import Entries, Entry, Reader
 from edge.subscription import Subscription, outgoing
 from schemas.events import Tick
@@ -141,9 +142,20 @@ class Hub:
                                    group=(self.group, self.consumer), recover=self._recover,
                                    poll_ms=cluster_poll_ms, window_ms=batch_window_ms)
         self.tick_reader = Reader("ticks", reader, client, handle=self._on_ticks, poll_ms=cluster_poll_ms)
+        self.klines = KlineTails(client, self.tick_reader)  # bar streams: plain reads, like ticks
 
-    def _full(self) -> bool:
-        return len(self.tails) + len(self.stock_tails) >= self.max_tails
+    def _full(self, more: int = 1) -> bool:
+        """Whether `more` new tails would take the node past `max_tails` (kline tails count too)."""
+        return len(self.tails) + len(self.stock_tails) + len(self.klines) + more > self.max_tails
+
+    async def join_kline(self, sub: KlineSub) -> None:
+        """Attach a `kline` subscription (edge/klines.py); NodeFull when its new tails would
+        take the node past `max_tails`."""
+        async with self._lock:
+            needs = self.klines.needs(sub)
+            if needs and self._full(needs):
+                raise NodeFull(sub.code)
+            await self.klines.join(sub)
 
     async def tick_partitions(self) -> int:
         """The ticks topic's partition count as stored in Redis (as ingest and the join read it),
@@ -259,6 +271,9 @@ class Hub:
 
     async def _on_ticks(self, got: Entries) -> None:
         for key, entries in got:
+            if key in self.klines:
+                self.klines.dispatch(key, entries)
+                continue
             stock_tail = self._stock_by_key.get(key)
             if stock_tail is not None:
                 for eid, fields in entries:
@@ -269,5 +284,6 @@ class Hub:
         await asyncio.gather(self.event_reader.stop(), self.tick_reader.stop())
         self.tails.clear()
         self.stock_tails.clear()
+        self.klines.subs.clear()
         self._tail_by_key.clear()
         self._stock_by_key.clear()

@@ -10,11 +10,12 @@ import uuid
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from edge import metrics
+from edge import klines, metrics
 from edge.auth import OPEN, AuthError, Grant, token_from
 from edge.conn import Outgoing, Sender
 from edge.frames import batch_of, price_update
 from edge.hub import NodeFull
+from edge.klines import KlineSub
 from edge.market import snapshot_frame
 from edge.subscription import Subscription, outgoing
 from edge.limits import TokenBucket
@@ -60,6 +61,7 @@ class Session:
         self.sender = Sender(ws, client_id, s.edge_send_queue_bytes, transport=transport)
         self.bucket = TokenBucket(s.edge_rate_per_s, s.edge_rate_burst)
         self.subs: dict[tuple[str, str], Subscription] = {}
+        self.klines: dict[tuple[str, str], KlineSub] = {}  # (ts_code, interval) -> edge/klines.py
 
     def error(self, exc: ProtocolError) -> None:
         self.sender.send(exc.to_message())
@@ -109,7 +111,27 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), {"field": "target"}, msg.id) from None
         return target, ""
 
+    def subscriptions(self) -> int:
+        return len(self.subs) + len(self.klines)
+
+    async def too_many(self, msg: Subscribe) -> bool:
+        """Refuse a subscription past the limit: an error, then close 4029; False."""
+        _refuse("too_many_subscriptions")
+        self.error(ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                                 f"at most {self.state.settings.edge_max_subscriptions} subscriptions", None, msg.id))
+        await self.sender.flush()
+        await self.ws.close(code=CLOSE_LIMIT, message=b"too many subscriptions")
+        return False
+
     async def subscribe(self, msg: Subscribe) -> bool:
+        if msg.subscription_type == "kline":
+            try:
+                return await klines.subscribe(self, msg)
+            except NodeFull:
+                _refuse("node_full")
+                raise ProtocolError(ErrorCode.NODE_FULL,
+                                    f"this node follows its maximum of {self.state.settings.edge_max_tails} streams; "
+                                    "try another node", {"target": msg.target}, msg.id) from None
         target, code = self._target(msg)
         if msg.subscription_type != "stock" and not self.grant.allows(target):
             _refuse("forbidden")
@@ -123,14 +145,8 @@ class Session:
         key = (msg.subscription_type, target)
         if key in self.subs:
             await self.state.hub.leave(self.subs.pop(key))
-        elif len(self.subs) >= self.state.settings.edge_max_subscriptions:
-            _refuse("too_many_subscriptions")
-            self.error(ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                                     f"at most {self.state.settings.edge_max_subscriptions} subscriptions",
-                                     None, msg.id))
-            await self.sender.flush()
-            await self.ws.close(code=CLOSE_LIMIT, message=b"too many subscriptions")
-            return False
+        elif self.subscriptions() >= self.state.settings.edge_max_subscriptions:
+            return await self.too_many(msg)
         sub = Subscription(msg.subscription_type, target, self.sender, code=code)
         try:
             await self.state.hub.join(sub)  # live events buffer from here on
@@ -201,11 +217,15 @@ class Session:
 
     async def _drop(self, msg: Subscribe) -> None:
         """Forget a subscription that could not be set up."""
+        if msg.subscription_type == "kline":
+            return  # edge/klines.py forgets its own
         sub = self.subs.pop((msg.subscription_type, self._target(msg)[0]), None)
         if sub is not None:
             await self.state.hub.leave(sub)
 
     async def unsubscribe(self, msg: Unsubscribe) -> None:
+        if msg.subscription_type == "kline":
+            return await klines.unsubscribe(self, msg)
         target, _ = self._target(msg)
         sub = self.subs.pop((msg.subscription_type, target), None)
         if sub is not None:
@@ -223,6 +243,9 @@ class Session:
         for sub in self.subs.values():
             await self.state.hub.leave(sub)
         self.subs.clear()
+        for kline in self.klines.values():
+            await self.state.hub.klines.leave(kline)
+        self.klines.clear()
         await self.sender.stop()
 
 

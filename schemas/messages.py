@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from schemas.base import Frozen
 from schemas.events import BreadthBoard, PriceChange, Signal, Tick
+from schemas.klines import Bar, Interval
 from schemas.market import SHANGHAI, percent_change
 
 PROTOCOL_VERSION = 2
-SubscriptionType = Literal["strategy", "stock", "market"]
+SubscriptionType = Literal["strategy", "stock", "market", "kline"]
 RequestId = str | int | None
 
 
@@ -30,6 +31,7 @@ class Subscribe(ClientMessage):
     target: str = Field(min_length=1, max_length=64)
     last_event_id: str | None = Field(None, pattern=r"^\d+-\d+$", max_length=41)
     epoch: str | None = Field(None, max_length=64)
+    interval: Interval = Field("1m", description="kline subscriptions: the bar interval")
     id: RequestId = None
 
     @field_validator("last_event_id")
@@ -45,6 +47,7 @@ class Unsubscribe(ClientMessage):
     type: Literal["unsubscribe"]
     subscription_type: SubscriptionType = "strategy"
     target: str = Field(min_length=1, max_length=64)
+    interval: Interval = "1m"
     id: RequestId = None
 
 
@@ -83,6 +86,7 @@ class Subscribed(ServerMessage):
     event_id: str | None = Field(None, description="id of the newest event at subscribe time")
     recovered: bool = False
     replayed: int = 0
+    interval: Interval | None = Field(None, description="kline subscriptions: the bar interval")
     id: RequestId = None
 
 
@@ -159,6 +163,28 @@ class SignalUpdate(ServerMessage):
     count: int
     target: str | None = None
     event_id: str | None = None
+
+
+class KlineUpdate(ServerMessage):
+    """Bars of one stock: closed 1-minute bars as they close; a derived interval's bar as each
+    of its minutes closes (closed once its last minute is in). event_id: the newest minute's."""
+
+    type: Literal["kline_update"] = "kline_update"
+    target: str
+    interval: Interval
+    epoch: str | None = None
+    event_id: str | None = None
+    snapshot: bool = False
+    data: list[Bar]
+
+
+class KlineList(Frozen):
+    """`GET /api/stocks/{ts_code}/kline` (format=json)."""
+
+    ts_code: str
+    interval: Interval
+    covered: bool = Field(description="false: bars were trimmed from Redis and the archive cannot show none is missing")
+    bars: list[Bar]
 
 
 class MarketRow(Frozen):
@@ -270,11 +296,11 @@ class Error(ServerMessage):
 
 
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
-    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, MarketUpdate, Pong, Error,
+    Connected, Subscribed, Unsubscribed, PriceUpdate, SignalUpdate, KlineUpdate, MarketUpdate, Pong, Error,
 )
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (Subscribe, Unsubscribe, Ping)
 # HTTP API bodies with a schema of their own (the rest reuse the models above)
-HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList, MarketBreadth)
+HTTP_RESPONSES: tuple[type[Frozen], ...] = (SignalList, KlineList, MarketBreadth)
 
 
 class ProtocolError(ValueError):

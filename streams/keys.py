@@ -99,6 +99,26 @@ class Keys:
     def strategies(self) -> str:
         return f"{self.prefix}strategies"
 
+    # --- K-line bars (one slot per ticks partition: the agent appends a partition's bars at once) ---
+    def kline(self, partition: int, ts_code: str) -> str:
+        """One stock's 1-minute bars (Redis time ids: the public event ids), in its partition's slot."""
+        return f"{self.prefix}kl:{{klines.{int(partition)}}}:{check_name(ts_code, 'ts_code')}"
+
+    def kline_epoch(self, partition: int) -> str:
+        return f"{self.prefix}klepoch:{{klines.{int(partition)}}}"
+
+    def kline_codes(self, partition: int) -> str:
+        """Set of the ts_codes with a bar stream in the partition (the archiver walks it)."""
+        return f"{self.prefix}klcodes:{{klines.{int(partition)}}}"
+
+    def kline_live(self, partition: int) -> str:
+        """The partition's live partial bars, a short capped stream (no event ids to resume from)."""
+        return f"{self.prefix}kllive:{{klines.{int(partition)}}}"
+
+    def kline_archived(self, partition: int) -> str:
+        """Hash ts_code -> id of the newest bar archived; trimming never passes it."""
+        return f"{self.prefix}klarch:{{klines.{int(partition)}}}"
+
     # --- market breadth -------------------------------------------------
     def breadth_partials(self) -> str:
         """Hash ticks partition -> `<offset>\n<partial JSON>`: each partition's breadth partial,

@@ -62,6 +62,11 @@ SMOKES = {
     "signals api": Smoke("python -m bench.signals_api --signals 50 --requests 120",
                          ("GET /api/signals/buy p50", "GET /api/signals/buy p99"), database=True),
     "driver uvloop": Smoke("python -m bench.driver --messages 3000 --loop uvloop", ("faust agent",)),
+    # 300 stocks at 300 ticks/s, a minute of the tick clock every 2 s: 2-3 minutes close per phase
+    "analytics": Smoke("python -m bench.analytics --stocks 300 --signalled 30 --rate 300 --seconds 6 --speed 30 "
+                       "--subscribers 3", ("(a) worker CPU", "(b) bar close"),
+                       lines=(r"^ +K-line +p50 .* [1-9]\d* closed bars received of \d+ owed, 0 duplicated$",
+                              r"^ +baseline +p50 .* [1-9]\d* closed bars received of \d+ owed, 0 duplicated$")),
     "breadth": Smoke("python -m bench.breadth --stocks 300 --rate 300 --seconds 2",
                      ("(a) worker CPU", "(b) breadth complete", "(c) breadth changelog"),
                      lines=(r"^ +600 paced ticks consumed in [\d.]+ s with breadth, 600 in [\d.]+ s without$",)),

@@ -219,11 +219,14 @@ async def test_without_breadth_or_klines_the_page_degrades_quietly(live, redis, 
     await live.page.wait_for("window.__tickwave.errors.some((e) => e.id === 'market')", "the market refusal")
     assert [e["code"] for e in await live.errors() if e["id"] == "market"] == ["unknown_strategy"]
     assert await live.breadth_hidden()
-    # a clicked stock on an edge without K-lines: a quiet note, no chart, no subscription
+    # a clicked stock with no bars (nothing made K-lines here): a quiet note, no chart; the edge
+    # serves the kline API and subscription, so the page follows the stock for bars to come
     await live.page.click('#rows tr[data-code="600519.SH"]')
-    await live.page.wait_text("#kline-note", "no K-line data")
+    await live.page.wait_text("#kline-note", "no bars yet today")
+    await live.page.wait_for("window.__tickwave.kline && window.__tickwave.kline.status === 'live'",
+                             "the empty kline snapshot")
     kline = await live.kline()
-    assert kline["ts_code"] == "600519.SH" and kline["status"] == "unavailable" and kline["candles"] == []
+    assert kline["ts_code"] == "600519.SH" and kline["candles"] == []
     assert await live.state() == "live"
 
 

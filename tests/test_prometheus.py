@@ -150,13 +150,16 @@ async def client_traffic(port: int, stop: asyncio.Event) -> None:
             assert not isinstance(event, Snapshot), "the resume was not recovered"
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(220)
 async def test_prometheus_scrapes_every_process_and_every_dashboard_query_returns_data(redis, pg_url, keys,
                                                                                          redis_url, tmp_path):
     local = {name: free_port() for name in DEFAULT_PORTS.values()}
     env = {**pipeline_env(redis_url, pg_url, keys), "TICKWAVE_INGEST_METRICS_PORT": str(local["ingest"]),
            "TICKWAVE_WORKER_METRICS_PORT": str(local["worker"]), "TICKWAVE_ARCHIVE_METRICS_PORT": str(local["archive"]),
-           "TICKWAVE_RELAY_METRICS_PORT": str(local["relay"])}
+           "TICKWAVE_RELAY_METRICS_PORT": str(local["relay"]),
+           # the simulator's ticks carry the wall clock, mostly outside the exchange's sessions:
+           # every minute makes bars, so the K-line panels get data once a minute closes
+           "TICKWAVE_KLINE_SESSIONS": "always"}
     signalled = await seed_signals(pg_url)
     procs: dict[str, Proc] = {}
     prom: Prometheus | None = None
@@ -199,7 +202,8 @@ async def test_prometheus_scrapes_every_process_and_every_dashboard_query_return
                     missing[name] = f"{expr} -> {values}"
             return not missing
         try:
-            took = await wait_until(every_query_has_data, 40, "dashboard queries without data", everyone)  # type: ignore[arg-type]
+            # up to a minute for the first K-line bars to close (their minute's end + grace), and scrapes after
+            took = await wait_until(every_query_has_data, 100, "dashboard queries without data", everyone)  # type: ignore[arg-type]
         except AssertionError:
             raise AssertionError("dashboard queries without data:\n" + "\n".join(
                 f"  {k}: {v}" for k, v in missing.items())) from None

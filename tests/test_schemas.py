@@ -17,6 +17,8 @@ from schemas.messages import (
     Pong,
     PriceItem,
     SignalItem,
+    KlineList,
+    KlineUpdate,
     SignalList,
     MarketBreadth,
     MarketRow,
@@ -32,6 +34,8 @@ from schemas.messages import (
     Unsubscribed,
     parse_client_message,
 )
+
+from schemas.klines import Bar, derive  # noqa: E402
 
 NOW = datetime(2026, 11, 24, 10, 30, 3, tzinfo=SHANGHAI)
 
@@ -49,6 +53,8 @@ SIGNAL = Signal(strategy="volume_wave", ts_code="600519.SH", name="贵州茅台"
                 signal_price=1480.0, confidence=0.8, reason="volume breakout")
 PRICE = PriceChange.from_tick(make_tick(), SIGNAL, ingest_time=NOW, partition=3, offset=42)
 
+BAR = Bar(ts_code="600519.SH", start=NOW.replace(second=0), end=NOW.replace(second=0, minute=31), open=1520.0,
+          high=1525.0, low=1519.0, close=1521.5, volume=12_300, amount=18_702_450.5, count=20, event_id="3-0")
 MARKET_ROW = MarketRow.model_validate(breadth_rows("1764300000000-0", {
     "time": "2026-11-24T10:00:03+08:00",
     "rows": [{"board": "all", "advancers": 3, "decliners": 2, "unchanged": 1, "limit_up": 1, "limit_down": 0,
@@ -69,6 +75,8 @@ SAMPLES = [
     SignalUpdate(action="add", data=[SIGNAL], count=1, target="volume_wave", event_id="2-0"),
     Pong(id=3),
     SignalList(strategy="volume_wave", data=[SignalItem.model_validate(signal_row(SIGNAL.model_dump()))], count=1),
+    KlineUpdate(target="600519.SH", interval="1m", epoch="e", event_id="3-0", data=[BAR]),
+    KlineList(ts_code="600519.SH", interval="5m", covered=True, bars=derive([BAR], "5m")),
     MarketUpdate(event_id="1764300000000-0", epoch="e1", data=[MARKET_ROW]),
     MarketBreadth(event_id="1764300000000-0", data=[MARKET_ROW]),
     Error(error="bad", details={"field": "target"}, code=ErrorCode.BAD_MESSAGE),  # last: tests read SAMPLES[-1]

@@ -102,7 +102,9 @@ def start_worker(settings: EdgeSettings, logfile: Path) -> subprocess.Popen[byte
            "TICKWAVE_TICK_PARTITIONS": str(settings.tick_partitions),
            # without PostgreSQL no archiver runs here: nothing may hold the streams' retention
            "TICKWAVE_ARCHIVE_GROUP": settings.archive_group if settings.database_url else "",
-           "TICKWAVE_WORKER_METRICS_PORT": os.environ.get("TICKWAVE_WORKER_METRICS_PORT", "0")}
+           "TICKWAVE_WORKER_METRICS_PORT": os.environ.get("TICKWAVE_WORKER_METRICS_PORT", "0"),
+           # the demo simulator ignores the exchange's clock: bars for every minute, at any hour
+           "TICKWAVE_KLINE_SESSIONS": os.environ.get("TICKWAVE_KLINE_SESSIONS", "always")}
     with open(logfile, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "tickwave", "worker"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

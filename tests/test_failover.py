@@ -286,10 +286,10 @@ async def test_pipeline_carries_on_through_two_master_failovers(pg_url, keys, tm
         async def total(name: str, names: tuple[str, ...]) -> float:
             return sum([await _metric(ports[n], name) for n in names])
 
-        reused = await total("tickwave_events_failover_reused_positions_total", workers)
+        reused = await total(f'tickwave_events_failover_reused_positions_total{{strategy="{STRATEGY}"}}', workers)
         rewinds = await total("tickwave_driver_failover_rewinds_total", workers)
         regressions = await total("tickwave_events_failover_regressions_total", workers)
-        lost_counted = await total("tickwave_events_failover_lost_total", workers)
+        lost_counted = await total(f'tickwave_events_failover_lost_total{{strategy="{STRATEGY}"}}', workers)
         resyncs = await total("tickwave_edge_failover_resyncs_total", ("edge-a", "edge-b"))
         unreplicated = await total("tickwave_events_replica_unacknowledged_total", workers)
 

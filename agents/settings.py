@@ -64,6 +64,12 @@ class WorkerSettings(EventsSettings):
                     "fill (fewer, larger appends; adds to join latency)")
     worker_commit_interval: float = Field(0.5, gt=0, description="seconds between offset commits")
     worker_standby_replicas: int = Field(0, ge=0, le=3, description="standby copies of the signals table")
+    worker_replica_wait_ms: int = Field(
+        0, ge=0, le=1000,
+        description="Redis Cluster only: after each event append, WAIT up to this many ms for a replica to have it "
+                    "(0: off). An append acknowledged in time survives a failover to that replica; one that is not "
+                    "is counted (tickwave_events_replica_unacknowledged_total) and the join goes on. See "
+                    "docs/operations.md (WAIT)")
     worker_datadir: str | None = Field(None, description="faust's data directory (default: a new temporary one)")
     worker_breadth: bool = Field(True, description="run the market breadth agent beside the join")
     breadth_interval_s: float = Field(

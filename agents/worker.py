@@ -50,6 +50,7 @@ from agents.market import add_breadth
 from agents.settings import WorkerSettings
 from schemas.events import PriceChange
 from schemas.market import SHANGHAI
+from streams.codec import GENERATION_HEADER, parse_generation
 from streams.connection import AnyRedis, connect
 from streams.deadletter import dead_letter
 from streams.errors import StreamsError, StreamUnavailable
@@ -106,12 +107,13 @@ class Joiner:
         self.processed: dict[int, int] = {}  # ticks partition -> last offset joined
         self.stopping = False
 
-    async def _append(self, strategy: str, batch: Sequence[Any], sources: Sequence[Any] | None = None) -> list[str]:
+    async def _append(self, strategy: str, batch: Sequence[Any], sources: Sequence[Any] | None = None,
+                      generations: Sequence[tuple[int, int]] | None = None) -> list[str]:
         """Append, holding the batch through a Redis outage (the offsets are not acked meanwhile)."""
         backoff = 0.1
         while True:
             try:
-                return await self.events.append_events(strategy, batch, sources=sources)
+                return await self.events.append_events(strategy, batch, sources=sources, generations=generations)
             except StreamUnavailable as exc:
                 APPEND_RETRIES.inc()
                 if backoff == 0.1:
@@ -138,13 +140,14 @@ class Joiner:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def join_ticks(self, records: Sequence[tuple[int, int, bytes | None, bytes | None]],
+    async def join_ticks(self, records: Sequence[tuple[int, int, bytes | None, bytes | None, tuple[int, int]]],
                          lookup: Any) -> int:
-        """Join (partition, offset, key, value) tick records with `lookup(ts_code)` (the table);
-        returns how many events were appended."""
+        """Join (partition, offset, key, value, partition generation) tick records with
+        `lookup(ts_code)` (the table); returns how many events were appended."""
         now = datetime.now(SHANGHAI)
         by_strategy: dict[str, list[PriceChange]] = defaultdict(list)
-        for partition, offset, key, value in records:
+        gens: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for partition, offset, key, value, gen in records:
             try:
                 tick = parse_tick(value)
             except BadTick as exc:
@@ -155,8 +158,10 @@ class Joiner:
                 for change in price_changes(tick, signals_of(held), ingest_time=now,
                                             partition=partition, offset=offset):
                     by_strategy[change.strategy].append(change)
+                    gens[change.strategy].append(gen)
         TICKS_JOINED.inc(len(records))
-        written = await asyncio.gather(*(self._append(s, batch) for s, batch in by_strategy.items()))
+        written = await asyncio.gather(*(self._append(s, batch, generations=gens[s])
+                                         for s, batch in by_strategy.items()))
         appended_at = time.time()
         total = 0
         for (strategy, batch), ids in zip(by_strategy.items(), written):
@@ -165,7 +170,7 @@ class Joiner:
             if ids:
                 for change in batch:
                     LATENCY.observe(max(0.0, appended_at - change.tick_time.timestamp()))
-        for partition, offset, _key, _value in records:
+        for partition, offset, _key, _value, _gen in records:
             if offset > self.processed.get(partition, -1):
                 self.processed[partition] = offset
         return total
@@ -200,6 +205,17 @@ async def arrived(stream: faust.StreamT[bytes], most: int) -> AsyncIterator[list
         batch = []
 
 
+def _generation(event: faust.EventT[bytes]) -> tuple[int, int]:
+    """The tick partition's generation the driver read the tick in (a header; (0, 0) before any failover)."""
+    headers = event.message.headers
+    if isinstance(headers, dict):
+        return parse_generation(headers.get(GENERATION_HEADER))
+    for pair in headers or []:
+        if pair[0] == GENERATION_HEADER:
+            return parse_generation(pair[1])
+    return 0, 0
+
+
 def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
     """The join app on `partitions` co-partitioned partitions of ticks and signals."""
     assert settings.redis_url
@@ -226,7 +242,8 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
         if "joiner" not in state:
             client = connect(settings.redis_url or "")
             events = EventLog(client, keys, retention_ms=settings.event_retention_ms, maxlen=settings.event_maxlen,
-                              archive_group=settings.archive_group, hold_max_bytes=settings.event_hold_max_bytes)
+                              archive_group=settings.archive_group, hold_max_bytes=settings.event_hold_max_bytes,
+                              replica_wait_ms=settings.worker_replica_wait_ms)
             state["joiner"] = Joiner(client, keys, events)
         return state["joiner"]
 
@@ -276,10 +293,10 @@ def build_app(settings: WorkerSettings, partitions: int) -> faust.App:
         else:
             batches = arrived(stream, settings.worker_batch)
         async for batch in batches:
-            records = [(e.message.partition, e.message.offset, e.key, e.value) for e in batch]
+            records = [(e.message.partition, e.message.offset, e.key, e.value, _generation(e)) for e in batch]
             await joiner().join_ticks(records, lookup)
             if bars is not None:
-                await bars(records)
+                await bars([r[:4] for r in records])  # the bars take no partition generation
 
     if settings.worker_breadth:
         add_breadth(app, ticks, settings, partitions, arrived)

@@ -1,6 +1,11 @@
 """bench/events: append_events vs plain XADD, archiver vs bare COPY, history across the boundary.
 
     python -m bench.events [--events 100000] [--history 10000]
+    python -m bench.events --replica-wait 20 [--events 5000]
+
+The second starts a local Redis Cluster (3 masters, 3 replicas) and measures what WAIT costs
+after each append (TICKWAVE_WORKER_REPLICA_WAIT_MS): one event per append, p50 and p99, and
+batches of 100, each beside the same appends without WAIT.
 
 Uses REDIS_URL / DATABASE_URL when set, else embedded servers. Prints each
 figure beside its baseline from the same run, and the ratio.
@@ -150,6 +155,59 @@ async def main(n: int, size: int) -> None:
         print(f"    ({size - min(in_redis, size)} from the archive, the rest from Redis; median of 7)")
 
 
+async def bench_replica_wait(url: str, n: int, wait_ms: int) -> dict[str, tuple[float, float]]:
+    """(with WAIT, without) for one-event appends' p50 and p99 (ms) and 100-event batches (ev/s);
+    the rounds alternate, each on a fresh strategy."""
+    from streams.events import REPLICA_UNACKED
+
+    client = connect(url)
+    keys = fresh_keys()
+    single: dict[bool, list[float]] = {True: [], False: []}
+    batched: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for rnd in range(4):
+            for wait in (False, True):
+                log = EventLog(client, keys, replica_wait_ms=wait_ms if wait else 0, archive_group=None)
+                name = f"w{rnd}{int(wait)}"
+                events, batch_events = make_events(n // 8 + 1, name), make_events(n, name + "b")
+                await log.append_events(name, events[:1])  # the stream exists, the script is loaded
+                for e in events[1:]:
+                    t0 = time.perf_counter()
+                    await log.append_events(name, [e])
+                    single[wait].append((time.perf_counter() - t0) * 1000)
+                with Timer() as t:
+                    for i in range(0, n, 100):
+                        await log.append_events(name + "b", batch_events[i:i + 100])
+                batched[wait].append(n / t.seconds)
+        unacked = sum(s.value for m in REPLICA_UNACKED.collect() for s in m.samples if s.name.endswith("_total"))
+        print(f"    ({unacked:.0f} appends not acknowledged by a replica within {wait_ms} ms)")
+        return {
+            "p50": (statistics.median(single[True]), statistics.median(single[False])),
+            "p99": (statistics.quantiles(single[True], n=100)[98], statistics.quantiles(single[False], n=100)[98]),
+            "batch": (statistics.median(batched[True]), statistics.median(batched[False])),
+        }
+    finally:
+        await client.aclose()
+
+
+async def main_replica_wait(n: int, wait_ms: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from tickwave import cluster as local_cluster
+
+    c = await asyncio.to_thread(local_cluster.LocalCluster(local_cluster.binary(),
+                                                           Path(tempfile.mkdtemp(prefix="bench-cluster-"))).start)
+    try:
+        print(f"bench/events  {time.strftime('%Y-%m-%d %H:%M')}  events={n} replica_wait_ms={wait_ms} (Redis Cluster)")
+        got = await bench_replica_wait(c.url, n, wait_ms)
+        print(line("(d) one event per append, WAIT, p50", got["p50"][0], "ms", got["p50"][1], "no WAIT"))
+        print(line("(e) one event per append, WAIT, p99", got["p99"][0], "ms", got["p99"][1], "no WAIT"))
+        print(line("(f) batches of 100, WAIT", got["batch"][0], "ev/s", got["batch"][1], "no WAIT"))
+    finally:
+        await asyncio.to_thread(c.stop)
+
+
 def history_size(text: str) -> int:
     n = int(text)
     if n < 200:
@@ -162,9 +220,14 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=100_000, help="events appended in (a) and archived in (b)")
     p.add_argument("--history", type=history_size, default=10_000, help="events read across the boundary in (c)")
+    p.add_argument("--replica-wait", type=int, default=0, metavar="MS",
+                   help="instead: WAIT's cost after appends on a local Redis Cluster, (d)-(f)")
     return p
 
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    asyncio.run(main(args.events, args.history))
+    if args.replica_wait:
+        asyncio.run(main_replica_wait(args.events, args.replica_wait))
+    else:
+        asyncio.run(main(args.events, args.history))

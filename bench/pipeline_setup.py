@@ -28,7 +28,7 @@ from bench.edge import stop as stop_process
 from schemas.events import PriceChange, Signal, SignalChange
 from schemas.market import SHANGHAI
 from schemas.universe import Listing, default_universe
-from streams.codec import EncodedRecord, decode_record_parts, encode_record, id_to_offset
+from streams.codec import EncodedRecord, decode_record_parts, encode_record, id_to_offset, record_generation
 from streams.connection import connect
 from streams.events import EventLog, RawEntry
 from streams.keys import Keys
@@ -329,7 +329,7 @@ async def raw_loop(url: str, keys: Keys, partitions: list[int], held: dict[str, 
                 p = streams[key]
                 for entry_id, fields in entries:
                     k, v, _headers, _ts = decode_record_parts(fields)
-                    records.append((p, id_to_offset(entry_id), k, v))
+                    records.append((p, id_to_offset(entry_id), k, v, record_generation(fields)))
                 acks.xack(key, "raw", *[entry_id for entry_id, _ in entries])
             if records:
                 await joiner.join_ticks(records, held.get)

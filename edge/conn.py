@@ -25,6 +25,9 @@ from schemas.messages import ServerMessage
 log = logging.getLogger("tickwave.edge")
 
 CLOSE_SLOW = 4008
+#: the stream lost, in a failover, ids this client was sent: resubscribe with the last id held,
+#: and the answer is recovered: false with a snapshot
+CLOSE_RESYNC = 4012
 # conflating this many times without the queue ever draining means the client cannot keep up
 MAX_CONFLATIONS_WITHOUT_DRAIN = 3
 # a frame goes straight to the transport while the kernel has taken nearly all that was written;
@@ -196,11 +199,22 @@ class Sender:
         log.info("slow client closed", extra={"client_id": self.client_id, "code": CLOSE_SLOW})
         asyncio.ensure_future(self._close_now())
 
-    async def _close_now(self) -> None:
+    def close_resync(self) -> None:
+        """Close 4012: the client holds ids a failover lost, and must resubscribe to get a snapshot."""
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.clear()
+        self.queued_bytes = 0
+        log.info("client holds lost ids: closed to resubscribe", extra={"client_id": self.client_id,
+                                                                        "code": CLOSE_RESYNC})
+        asyncio.ensure_future(self._close_now(CLOSE_RESYNC, b"stream lost events in a failover: resubscribe"))
+
+    async def _close_now(self, code: int = CLOSE_SLOW, message: bytes = b"too slow: send queue full") -> None:
         # the close frame cannot overtake the data already buffered for a client that does
         # not read; give it a moment, then drop the connection
         try:
-            await asyncio.wait_for(self.ws.close(code=CLOSE_SLOW, message=b"too slow: send queue full", drain=False), 2)
+            await asyncio.wait_for(self.ws.close(code=code, message=message, drain=False), 2)
         except (asyncio.TimeoutError, ConnectionError):
             transport = self.transport
             if transport is not None:

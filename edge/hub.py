@@ -27,7 +27,7 @@ from edge.subscription import Subscription, outgoing
 from schemas.events import Tick
 from schemas.messages import price_row, quote_doc
 from streams import groups
-from streams.codec import decode_record, lazy
+from streams.codec import decode_record, lazy, parse_id
 from streams.connection import AnyRedis
 from streams.errors import CorruptEntry, translated
 from streams.events import EventLog
@@ -54,9 +54,14 @@ class StrategyTail:
     def __init__(self, strategy: str, key: str):
         self.strategy, self.key = strategy, key
         self.subs: set[Subscription] = set()
+        metrics.FAILOVER_RESYNCS.labels(strategy)  # at 0 from the start: increase() sees the first one
         self.epoch: str | None = None
 
     def dispatch(self, entries: list[Entry]) -> None:
+        for eid, fields in entries:
+            lost_after = fields.get(b"fo")
+            if lost_after:
+                self._failed_over(eid, lost_after.decode())
         batch, bad = batch_of(self.strategy, self.epoch, (lazy(eid, f) for eid, f in entries))
         if bad:
             metrics.REFUSALS.labels("corrupt_event").inc(bad)
@@ -70,6 +75,19 @@ class StrategyTail:
         for sub in list(self.subs):
             sub.deliver(batch, shared)
         account_shared(shared)
+
+
+    def _failed_over(self, eid: bytes | str, after: str) -> None:
+        """The first event after a failover: subscribers sent ids past `after` hold lost ids (some
+        of their events may come again under new ids), so they resubscribe and get a snapshot."""
+        kept = parse_id(after)
+        held = [sub for sub in self.subs if sub.seen is not None and sub.seen > kept]
+        metrics.FAILOVER_RESYNCS.labels(self.strategy).inc(len(held))
+        log.warning("strategy stream failed over: subscribers holding lost ids closed to resync",
+                    extra={"strategy": self.strategy, "last_kept_id": after,
+                           "next_id": eid.decode() if isinstance(eid, bytes) else eid, "subscribers": len(held)})
+        for sub in held:
+            sub.sender.close_resync()
 
 
 class StockTail:

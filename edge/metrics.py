@@ -20,6 +20,9 @@ REFUSALS = Counter("tickwave_edge_refusals_total", "Refused connections, frames 
 CONSUMER_LAG = Gauge("tickwave_edge_consumer_lag", "Entries not yet read by this node's group", ["strategy", "group"],
                      multiprocess_mode="livemax")
 EVENTS_READ = Counter("tickwave_edge_events_read_total", "Events read from strategy streams", ["strategy"])
+FAILOVER_RESYNCS = Counter(
+    "tickwave_edge_failover_resyncs_total",
+    "Subscribers closed (4012) because a failover lost event ids they had been sent", ["strategy"])
 
 
 def observe_many(histogram: Histogram, value: float, n: int) -> None:

@@ -3,12 +3,19 @@
 -- strategy's hash tag, so this runs on one Cluster slot and all of it is atomic.
 -- KEYS[1] events stream  KEYS[2] epoch  KEYS[3] snapshot hash  KEYS[4] positions hash
 -- KEYS[5] gap records (a stream: what trimming past the hold ceiling removed unarchived)
+-- KEYS[6] failover records (a stream: the last id kept when a replica took over); passed on a
+--   Redis Cluster only: without it the failover check (one INFO, about 9 us) is skipped
 -- ARGV[1] retention mode ('minid' | 'maxlen' | '')  ARGV[2] retention ms or max length
 -- ARGV[3] epoch to use if the stream is new  ARGV[4] codec version
 -- ARGV[5] archive group that holds retention ('' = none)  ARGV[6] hold ceiling in bytes (0 = none)
--- then 7 values per event: tick partition ('' = no position: always appended),
---   tick offset, snapshot op ('set' | 'del' | ''), ts_code, type, schema version, body
--- Returns {epoch, held bytes, lost, id1, id2, ...}: the ids actually written; held bytes is the
+-- then 8 values per event: tick partition ('' = no position: always appended),
+--   tick offset, snapshot op ('set' | 'del' | ''), ts_code, type, schema version, body,
+--   the tick partition's generation "<gen>:<start>" ('' = generation 0)
+-- Returns {epoch, held bytes, lost, reused, regressed, failovers, id1, id2, ...}: the ids actually written;
+-- failovers is how many failover records KEYS[6] holds (0 without KEYS[6]): a writer that sees it
+-- grow counts the ids it appended past the last kept one as lost (streams/events.py);
+-- reused is how many recorded positions a ticks failover handed out again (see below);
+-- regressed is '' or the stream's last id when this call found a new server under it; held bytes is the
 -- stream's memory when the archive group kept retention from trimming entries it still needs
 -- (0 otherwise); lost is how many such entries this call trimmed past the ceiling (recorded
 -- in KEYS[5]).
@@ -33,11 +40,36 @@ if redis.call('EXISTS', KEYS[1]) == 0 or not epoch then
     redis.pcall('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
   end
 end
-local out = {epoch, 0, 0}
+-- Failover of this stream's master. Replication is asynchronous: a promoted replica may lack the
+-- last events the old master acknowledged (and the positions and snapshot rows with them), so
+-- their ids were seen by readers and are gone. The positions hash keeps the replication id of
+-- the server that last appended; on another one, the stream's last id is recorded in KEYS[6]
+-- (ids after it and before the next append are lost ids) and the next event carries it in
+-- `fo`, so a live reader learns in order. A restart that lost its replication history looks
+-- the same and records an empty range.
+local regressed, failovers = '', 0
+if #KEYS >= 6 then
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+  local known = redis.call('HGET', KEYS[4], '@replid')
+  if known ~= replid then
+    if known then
+      local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+      regressed = last and last[1] or '0-0'
+      local t0 = redis.call('TIME')
+      redis.call('XADD', KEYS[6], 'MAXLEN', '~', '1000', '*', 'epoch', epoch, 'after', regressed,
+                 'at_ms', string.format('%d', tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)))
+    end
+    redis.call('HSET', KEYS[4], '@replid', replid)
+  end
+  failovers = redis.call('XLEN', KEYS[6])
+end
+local out = {epoch, 0, 0, 0, regressed, failovers}
+local HEAD = #out
 local high = {}
-local n = (#ARGV - 6) / 7
+local gens = {}
+local n = (#ARGV - 6) / 8
 for i = 0, n - 1 do
-  local b = 7 + i * 7
+  local b = 7 + i * 8
   local part = ARGV[b]
   local fresh = true
   if part ~= '' then
@@ -45,13 +77,42 @@ for i = 0, n - 1 do
     local cur = high[part]
     if cur == nil then
       cur = tonumber(redis.call('HGET', KEYS[4], part) or '-1')
+      high[part] = cur
+    end
+    -- a ticks failover rolled the partition back to <start> in generation <gen>: offsets from
+    -- <start> on are new ticks, so the fence forgets the positions at or past it (their events
+    -- stay: they came from ticks the failover lost after the join had read them)
+    local spec = ARGV[b + 7]
+    if spec ~= '' then
+      local g, start = string.match(spec, '^(%d+):(%d+)$')
+      g, start = tonumber(g), tonumber(start)
+      local was = gens[part]
+      if was == nil then
+        was = tonumber(redis.call('HGET', KEYS[4], part .. '@g') or '0')
+        gens[part] = was
+      end
+      if g > was then
+        if cur >= start then
+          out[4] = out[4] + cur - start + 1
+          cur = start - 1
+          high[part] = cur
+        end
+        gens[part] = g
+        redis.call('HSET', KEYS[4], part .. '@g', g)
+      end
     end
     if off <= cur then fresh = false else high[part] = off end
   end
   if fresh then
-    local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[b + 6], 'y', ARGV[b + 4], 's', ARGV[b + 5], 'c', ARGV[4])
+    local id
+    if regressed ~= '' and #out == HEAD then
+      id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[b + 6], 'y', ARGV[b + 4], 's', ARGV[b + 5], 'c', ARGV[4],
+                      'fo', regressed)
+    else
+      id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[b + 6], 'y', ARGV[b + 4], 's', ARGV[b + 5], 'c', ARGV[4])
+    end
     out[#out + 1] = id
-    if #out == 4 and redis.call('HEXISTS', KEYS[4], '@first') == 0 then
+    if #out == HEAD + 1 and redis.call('HEXISTS', KEYS[4], '@first') == 0 then
       redis.call('HSET', KEYS[4], '@first', id)
     end
     local op = ARGV[b + 2]
@@ -65,7 +126,7 @@ end
 for part, off in pairs(high) do
   redis.call('HSET', KEYS[4], part, off)
 end
-if #out == 3 or ARGV[1] == '' then
+if #out == HEAD or ARGV[1] == '' then
   return out
 end
 

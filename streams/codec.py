@@ -89,6 +89,31 @@ def encode_record(
 
 RecordParts = tuple[bytes | None, bytes | None, Headers, int]
 
+#: header the faust driver adds to a record of a partition generation > 0 ("<gen>:<start>"),
+#: so an agent can hand the generation to the event fence (see streams/append_records.lua)
+GENERATION_HEADER = "tw-generation"
+
+
+def record_generation(fields: Fields) -> tuple[int, int]:
+    """(generation, its first offset) of a topic entry: (0, 0) unless a failover started a new one."""
+    raw = fields.get(b"g")
+    if not raw:
+        return 0, 0
+    gen, _, start = raw.partition(b":")
+    try:
+        return int(gen), int(start)
+    except ValueError:
+        return 0, 0
+
+
+def parse_generation(raw: bytes | str | None) -> tuple[int, int]:
+    """The (generation, start) of a GENERATION_HEADER value; (0, 0) when absent or unreadable."""
+    if not raw:
+        return 0, 0
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    gen, _, start = text.partition(":")
+    return (int(gen), int(start)) if gen.isdigit() and start.isdigit() else (0, 0)
+
 
 def decode_record_parts(fields: Fields) -> RecordParts:
     """(key, value, headers, timestamp ms) of one topic entry, or CorruptEntry with the reason.

@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
+import redis.exceptions as rex
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 
 from schemas.events import Breadth, PriceChange
 from streams.codec import (
@@ -49,6 +52,8 @@ DEFAULT_HOLD_MAX_BYTES = 1 << 30
 
 log = logging.getLogger("tickwave.events")
 LOSS_LOG_S = 10.0
+# ids of its own appends a writer keeps per strategy to count what a failover lost (cluster only)
+RECENT_IDS = 10_000
 
 HELD_BYTES = Gauge(
     "tickwave_events_retention_held_bytes",
@@ -58,6 +63,30 @@ HELD_BYTES = Gauge(
 HOLD_CEILING = Gauge(
     "tickwave_events_retention_hold_ceiling_bytes",
     "TICKWAVE_EVENT_HOLD_MAX_BYTES of this writer (0: no ceiling, or no archive group holds)",
+)
+FAILOVER_REGRESSIONS = Counter(
+    "tickwave_events_failover_regressions_total",
+    "Appends that found a strategy stream on another server than the last one (a replica promoted): "
+    "ids the old master acknowledged after the recorded last id are lost",
+    ["strategy"],
+)
+FAILOVER_LOST = Counter(
+    "tickwave_events_failover_lost_total",
+    "Events this writer appended that a failover lost (acknowledged by a master that died before "
+    "its replica had them)",
+    ["strategy"],
+)
+REPLICA_UNACKED = Counter(
+    "tickwave_events_replica_unacknowledged_total",
+    "Appends no replica acknowledged within TICKWAVE_WORKER_REPLICA_WAIT_MS (WAIT 1; Redis Cluster only): "
+    "a failover of the stream's master now may lose them",
+    ["strategy"],
+)
+FAILOVER_REUSED = Counter(
+    "tickwave_events_failover_reused_positions_total",
+    "Events whose tick positions a ticks-partition failover handed out again to new ticks "
+    "(their own ticks were lost after the join read them; the events stay)",
+    ["strategy"],
 )
 TRIMMED_UNARCHIVED = Counter(
     "tickwave_events_trimmed_unarchived_total",
@@ -87,7 +116,8 @@ class Gap:
 Position = tuple[str, int]
 
 
-def _event_args(event: Event, source: Position | None) -> list[bytes | str | int]:
+def _event_args(event: Event, source: Position | None, generation: tuple[int, int] | None = None
+                ) -> list[bytes | str | int]:
     kind, version, body = encode_event_parts(event)
     if isinstance(event, PriceChange):
         position: list[bytes | str | int] = [event.source_partition, event.source_offset]
@@ -100,7 +130,8 @@ def _event_args(event: Event, source: Position | None) -> list[bytes | str | int
         position = [source[0], source[1]] if source else ["", 0]
         # a removed signal takes the stock out of the strategy's list
         snap = [b"del" if event.action == "remove" else b"", event.signal.ts_code]
-    return [*position, *snap, kind, version, body]
+    gen = f"{generation[0]}:{generation[1]}" if generation and generation[0] > 0 else ""
+    return [*position, *snap, kind, version, body, gen]
 
 
 class EventLog:
@@ -115,9 +146,12 @@ class EventLog:
         maxlen: int | None = None,
         archive_group: str | None = DEFAULT_ARCHIVE_GROUP,
         hold_max_bytes: int = DEFAULT_HOLD_MAX_BYTES,
+        replica_wait_ms: int = 0,
     ):
         """`archive_group` holds retention: trimming never removes what it has not acknowledged
-        until the stream's memory passes `hold_max_bytes` (0: no ceiling). None: nothing holds."""
+        until the stream's memory passes `hold_max_bytes` (0: no ceiling). None: nothing holds.
+        `replica_wait_ms` > 0 (Redis Cluster only): each append is followed by WAIT 1 on the same
+        connection, up to that long; an append no replica acknowledged in time is counted."""
         self.client = client
         self.keys = keys
         self._group, self._ceiling = archive_group or "", max(0, hold_max_bytes)
@@ -128,6 +162,15 @@ class EventLog:
         else:
             self._retention = ("", 0)
         self._script = client.register_script(_APPEND_LUA)
+        # the failover check (one INFO per append, streams/append_events.lua) only where a
+        # replica can take over: a single server's user does not pay for it
+        self._failover_check = isinstance(client, RedisCluster)
+        self._wait_ms = replica_wait_ms if self._failover_check else 0
+        # the ids this writer appended lately, per strategy (cluster only): counted as lost when a
+        # failover record says the stream kept less; a failover detected later than this many
+        # appends after it undercounts
+        self._recent: defaultdict[str, deque[str]] = defaultdict(lambda: deque(maxlen=RECENT_IDS))
+        self._failovers_seen: dict[str, int] = {}
         self._registered: set[str] = set()
         self._unlogged: dict[str, int] = {}
         self._loss_logged: dict[str, float] = {}
@@ -137,11 +180,12 @@ class EventLog:
 
     def _keys_for(self, strategy: str) -> list[str]:
         k = self.keys
-        return [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy),
-                k.gaps(strategy)]
+        keys = [k.events(strategy), k.epoch(strategy), k.snapshot(strategy), k.positions(strategy), k.gaps(strategy)]
+        return [*keys, k.failovers(strategy)] if self._failover_check else keys
 
     async def append_events(
         self, strategy: str, events: Sequence[Event], *, sources: Sequence[Position | None] | None = None,
+        generations: Sequence[tuple[int, int]] | None = None,
     ) -> list[str]:
         """Append atomically; returns the ids written (events at old positions are skipped).
 
@@ -149,12 +193,17 @@ class EventLog:
         Breadth has none of its own: `sources` (aligned with `events`) can give one, a
         (name, offset) pair whose name must not be a tick partition number, e.g.
         ("signals.3", 17) or ("breadth", interval number); one without is always appended.
+        `generations` (aligned with `events`) gives each PriceChange's tick partition
+        generation (gen, start) as the driver read it (streams.codec.GENERATION_HEADER): a
+        newer one lowers the fence to start - 1.
         """
         check_name(strategy, "strategy")
         if not events:
             return []
         if sources is not None and len(sources) != len(events):
             raise ValueError("sources must have one entry per event")
+        if generations is not None and len(generations) != len(events):
+            raise ValueError("generations must have one entry per event")
         fresh_epoch = secrets.token_hex(8)
         args: list[Any] = [*self._retention, fresh_epoch, CODEC_VERSION, self._group, self._ceiling]
         for i, event in enumerate(events):
@@ -163,21 +212,96 @@ class EventLog:
             source = sources[i] if sources is not None else None
             if source is not None and source[0].isdigit():
                 raise ValueError(f"source {source[0]!r} would share a tick partition's position")
-            args.extend(_event_args(event, source))
+            args.extend(_event_args(event, source, generations[i] if generations is not None else None))
         with translated(f"append events to {strategy}"):
-            reply = await self._script(keys=self._keys_for(strategy), args=args)
+            if self._wait_ms:
+                reply = await self._append_and_wait(strategy, self._keys_for(strategy), args)
+            else:
+                reply = await self._script(keys=self._keys_for(strategy), args=args)
             if strategy not in self._registered or _text(reply[0]) == fresh_epoch:
                 # the strategies set lives on another slot: outside the script; registered again
                 # when the stream is new (a Redis that lost its data lost the set too)
                 await self.client.sadd(self.keys.strategies(), strategy)
                 self._registered.add(strategy)
-        held, lost = int(reply[1]), int(reply[2])
+                # series at 0 from the start, so an alert's increase() sees the first failover
+                FAILOVER_REGRESSIONS.labels(strategy)
+                FAILOVER_REUSED.labels(strategy)
+                FAILOVER_LOST.labels(strategy)
+                REPLICA_UNACKED.labels(strategy)
+        held, lost, reused, regressed = int(reply[1]), int(reply[2]), int(reply[3]), _text(reply[4])
+        ids = [_text(i) for i in reply[6:] if i is not None]
+        if regressed:
+            FAILOVER_REGRESSIONS.labels(strategy).inc()
+            log.error("strategy stream found on a new server (failover): ids acknowledged after the last one "
+                      "kept are lost", extra={"strategy": strategy, "last_kept_id": regressed,
+                                              "next_id": ids[0] if ids else None})
+        if self._failover_check:
+            await self._count_lost(strategy, int(reply[5]))
+            self._recent[strategy].extend(ids)
+        if reused:
+            FAILOVER_REUSED.labels(strategy).inc(reused)
+            log.warning("tick positions handed out again by a ticks failover: the fence now takes the new ticks",
+                        extra={"strategy": strategy, "events": reused})
         HELD_BYTES.labels(strategy).set(held)
         HOLD_CEILING.set(self._ceiling if self._group else 0)
         if lost:
             TRIMMED_UNARCHIVED.labels(strategy).inc(lost)
             self._log_loss(strategy, lost, held)
-        return [_text(i) for i in reply[3:] if i is not None]
+        return ids
+
+    async def _append_and_wait(self, strategy: str, keys: list[str], args: list[Any]) -> Any:
+        """The append script, then WAIT 1 <ms> on the same connection to the key's master.
+
+        WAIT counts the replicas that have every write *of its connection*, so the two must share
+        one: redis-py's cluster client picks a pooled connection per command (and keeps scripts
+        out of its pipelines), but the node owning the slot sends a list of commands down one
+        connection (ClusterNode.execute_pipeline, what its own pipelines use). NOSCRIPT loads the
+        script there and tries once more; anything else unusual (MOVED or ASK after a failover, a
+        lost connection) goes the ordinary way, with its retries, and is counted as not acknowledged."""
+        client = cast(RedisCluster, self.client)
+        try:
+            await client.initialize()  # a no-op once the slot map is known
+            node = client.get_node_from_key(keys[0])
+        except rex.RedisClusterException:  # the slot map is being rebuilt (a failover): the ordinary path
+            node = None
+        for _attempt in range(2 if node is not None and self._script.sha else 0):
+            assert node is not None
+            cmds = [PipelineCommand(0, "EVALSHA", self._script.sha, len(keys), *keys, *args),
+                    PipelineCommand(1, "WAIT", 1, self._wait_ms)]
+            try:
+                await node.execute_pipeline(cmds)
+            except (rex.ConnectionError, rex.TimeoutError, AttributeError):
+                break  # nothing known: the ordinary path (as redis-py's own retry would)
+            if isinstance(cmds[0].result, rex.NoScriptError):
+                with translated("load the append script"):
+                    await node.execute_command("SCRIPT", "LOAD", _APPEND_LUA)
+                continue
+            if isinstance(cmds[0].result, Exception):
+                break
+            if isinstance(cmds[1].result, Exception) or int(cmds[1].result) < 1:
+                REPLICA_UNACKED.labels(strategy).inc()
+            return cmds[0].result
+        REPLICA_UNACKED.labels(strategy).inc()
+        return await self._script(keys=keys, args=args)
+
+    async def _count_lost(self, strategy: str, failovers: int) -> None:
+        """When the stream's failover records grew: count the ids this writer appended past each
+        new record's last kept id (the old master acknowledged them; the new one never had them)."""
+        seen = self._failovers_seen.get(strategy)
+        self._failovers_seen[strategy] = failovers
+        if seen is None or failovers <= seen:
+            return  # the first append of this writer: what went before is not its own
+        with translated(f"read failover records of {strategy}"):
+            raw = cast(list[RawEntry], await self.client.xrevrange(self.keys.failovers(strategy),
+                                                                   count=failovers - seen))
+        recent = self._recent[strategy]
+        for _rid, fields in raw:
+            kept = {_text(k): _text(v) for k, v in fields.items()}["after"]
+            gone = sum(1 for i in recent if parse_id(i) > parse_id(kept))
+            FAILOVER_LOST.labels(strategy).inc(gone)
+            log.error("events this writer appended were lost in a failover", extra={
+                "strategy": strategy, "last_kept_id": kept, "lost": gone})
+        recent.clear()
 
     def _log_loss(self, strategy: str, lost: int, held: int) -> None:
         # past the ceiling every append trims again: one line per strategy every LOSS_LOG_S
@@ -188,6 +312,29 @@ class EventLog:
                       extra={"strategy": strategy, "lost": self._unlogged.pop(strategy),
                              "stream_bytes": held, "ceiling_bytes": self._ceiling})
             self._loss_logged[strategy] = now
+
+    async def failover_holes(self, strategy: str, epoch: str) -> list[tuple[str, str | None]]:
+        """(last id kept, first id appended after) of each failover of the stream in `epoch`:
+        ids strictly between the two were acknowledged by a master that died and are gone."""
+        if not self._failover_check:
+            return []  # one server: no replica takes over, and no record is kept
+        with translated(f"read failover records of {strategy}"):
+            raw = cast(list[RawEntry], await self.client.xrange(self.keys.failovers(strategy)))
+            out: list[tuple[str, str | None]] = []
+            for _rid, fields in raw:
+                f = {_text(k): _text(v) for k, v in fields.items()}
+                if f.get("epoch") != epoch:
+                    continue
+                nxt = cast(list[RawEntry], await self.client.xrange(self.stream_key(strategy), min=f"({f['after']}",
+                                                                    count=1))
+                out.append((f["after"], _text(nxt[0][0]) if nxt else None))
+        return out
+
+    async def in_failover_hole(self, strategy: str, epoch: str, event_id: str) -> bool:
+        """Whether `event_id` is one a failover lost (the stream no longer holds it)."""
+        eid = parse_id(event_id)
+        return any(parse_id(after) < eid and (nxt is None or eid < parse_id(nxt))
+                   for after, nxt in await self.failover_holes(strategy, epoch))
 
     async def gap_records(self, strategy: str) -> list[Gap]:
         """The gaps the append script recorded and no archiver has moved to the archive yet."""

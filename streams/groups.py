@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
+
+from redis.asyncio.cluster import RedisCluster
 
 from streams.connection import AnyRedis, execute
 from streams.errors import CommandError, GroupExists, translate, translated
@@ -36,6 +39,16 @@ async def read_group(
 
     A pending entry that was deleted (trimmed) since it was delivered comes back with empty
     fields: acknowledge it, there is nothing left to read."""
+    if isinstance(client, RedisCluster) and len(streams) > 1:
+        by_slot: dict[int, dict[str, str]] = defaultdict(dict)
+        for key, start in streams.items():
+            by_slot[client.keyslot(key)][key] = start
+        if len(by_slot) > 1:
+            # a Cluster refuses one read across slots (CROSSSLOT): one read per slot, side by
+            # side; with block_ms the call returns when every read has (at most block_ms)
+            parts = await asyncio.gather(*(read_group(client, group, consumer, part, count=count, block_ms=block_ms)
+                                           for part in by_slot.values()))
+            return [got for part in parts for got in part]
     with translated(f"read group {group}"):
         reply = await client.xreadgroup(
             group, consumer, cast(Any, dict(streams)), count=count, block=block_ms

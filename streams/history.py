@@ -2,7 +2,8 @@
 The archive serves what Redis no longer holds, Redis the rest, as one ordered sequence
 with no gap and no duplicate. The archive is anything with `Archive`'s three reads
 (streams.archive.ArchiveStore on PostgreSQL). A range that touches a recorded gap (events
-trimmed before they were archived) is answered `covered: false, reason: gap`."""
+trimmed before they were archived) is answered `covered: false, reason: gap`; an id a failover
+lost (between the last id a promoted replica kept and the next one appended) `reason: failover`."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Reason:
     EPOCH_CHANGED = "epoch_changed"
     NO_ARCHIVE = "no_archive"
     GAP = "gap"
+    FAILOVER = "failover"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ async def _history_once(
         return History([], False, Reason.UNKNOWN_STRATEGY, None)
     if epoch is not None and epoch != current:
         return History([], False, Reason.EPOCH_CHANGED, current)
+    if after_id is not None and await log.in_failover_hole(strategy, current, after_id):
+        # the caller holds an id a failover lost: what it saw after the last kept id may have
+        # been appended again under new ids, so no replay can be both whole and free of repeats
+        return History([], False, Reason.FAILOVER, current)
 
     first_kept = await log.first_id(strategy)
     origin = await log.origin_id(strategy)

@@ -50,6 +50,11 @@ class Keys:
         """Counter of the last dense offset handed out; same slot as its stream."""
         return f"{self.prefix}tseq:{{{check_topic(topic)}.{int(partition)}}}"
 
+    def topic_generation(self, topic: str, partition: int) -> str:
+        """Hash of a partition's generation (gen, start, replid): a new one begins when the
+        partition's server changed under it (a replica promoted), at the offset it had then."""
+        return f"{self.prefix}tgen:{{{check_topic(topic)}.{int(partition)}}}"
+
     def topic_compaction(self, topic: str, partition: int) -> str:
         """Hash record key -> offset of its latest entry, kept by the append script on a
         compacting topic's partition (same slot as its stream)."""
@@ -85,6 +90,11 @@ class Keys:
     def gaps(self, strategy: str) -> str:
         """Stream of gap records: events trimmed past the hold ceiling before they were archived."""
         return f"{self.prefix}gaps:{{{check_name(strategy, 'strategy')}}}"
+
+    def failovers(self, strategy: str) -> str:
+        """Stream of failover records: the stream's last id when a replica took over; ids the
+        old master acknowledged after it (and before the next append) are lost."""
+        return f"{self.prefix}fo:{{{check_name(strategy, 'strategy')}}}"
 
     def strategies(self) -> str:
         return f"{self.prefix}strategies"

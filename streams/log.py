@@ -38,6 +38,9 @@ class RecordAppender:
         self.client = client
         self.keys = keys
         self._sha: str | None = None
+        # generations (one INFO per call, streams/append_records.lua) only where a replica can
+        # take over: a single server's user does not pay for failover detection
+        self._generations = isinstance(client, RedisCluster)
 
     def _call(
         self, tp: TopicPartition, maxlen: int, records: Sequence[EncodedRecord], expected: int | None = None,
@@ -45,6 +48,8 @@ class RecordAppender:
     ) -> list[Any]:
         topic, partition = tp
         keys = [self.keys.topic_partition(topic, partition), self.keys.topic_sequence(topic, partition)]
+        if self._generations:  # KEYS[3]: the script checks for a failover only when it is there
+            keys.append(self.keys.topic_generation(topic, partition))
         if compact:  # the compaction hash goes last: the script finds it at KEYS[#KEYS]
             keys.append(self.keys.topic_compaction(topic, partition))
         args: list[Any] = [

@@ -149,7 +149,8 @@ async def group_state(client: AnyRedis, keys: Keys, group: str) -> GroupState:
 
 
 async def committed(client: AnyRedis, keys: Keys, group: str) -> dict[TP, int]:
-    return {field_tp(k): int(v) for k, v in (await client.hgetall(keys.group(group, "offsets"))).items()}
+    # a value committed in a partition generation > 0 reads "<offset>@<gen>"
+    return {field_tp(k): int(v.split(b"@")[0]) for k, v in (await client.hgetall(keys.group(group, "offsets"))).items()}
 
 
 async def probe_table(client: AnyRedis, keys: Keys, timeout: float = 20) -> dict[str, int]:

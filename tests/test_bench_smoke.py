@@ -42,6 +42,7 @@ SMOKES = {
     "ingest": Smoke("python -m bench.ingest --ticks 300", ("file replay",)),
     "events": Smoke("python -m bench.events --events 300 --history 400", ("(a)", "(b)", "(c)"), database=True,
                     lines=(r"\(200 from the archive, the rest from Redis",)),
+    "events replica wait": Smoke("python -m bench.events --replica-wait 20 --events 800", ("(d)", "(e)", "(f)")),
     "edge resume": Smoke("python -m bench.edge resume --missed 300", ("(c)",)),
     "edge idle": Smoke("python -m bench.edge idle --idle 50", ("(b)",)),
     # clients in two processes of their own, the same ones for both servers; every event delivered

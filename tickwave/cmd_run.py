@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import click
 
@@ -19,7 +20,13 @@ from tickwave.runtime import pick_or_exit, run_until_signalled, settings_or_exit
 @click.option("--interval", type=float, default=1.0, show_default=True, help="simulator seconds between snapshots")
 @click.option("--port", type=int, default=None, help="edge port (default TICKWAVE_EDGE_PORT or 8000)")
 @click.option("--duration", type=float, default=None, help="stop after this many seconds (smoke tests)")
-def run(strategy: str, stocks: int, signalled: float, interval: float, port: int | None, duration: float | None) -> None:
+@click.option("--cluster", is_flag=True,
+              help="on a local Redis Cluster (3 masters + 3 replicas), each service its own process: ingest, "
+                   "relay, two workers, archiver, two edge nodes (REDIS_URL is not used)")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="with --cluster: where the cluster's nodes and the processes' logs go (default a new temp dir)")
+def run(strategy: str, stocks: int, signalled: float, interval: float, port: int | None, duration: float | None,
+        cluster: bool, workdir: Path | None) -> None:
     """Run the whole pipeline (ingest, relay, join worker, archiver, edge) with demo signals:
     embedded servers unless REDIS_URL / DATABASE_URL are set."""
     from tickwave.launcher import RunOptions, run_pipeline
@@ -35,4 +42,13 @@ def run(strategy: str, stocks: int, signalled: float, interval: float, port: int
         counts = await run_pipeline(settings, options, stop)
         click.echo(f"stopped: {counts.ticks} ticks, {counts.events} events, {counts.archived} archived")
 
-    run_until_signalled(main)
+    async def main_cluster(stop: asyncio.Event) -> None:
+        from tickwave.cluster_run import run_cluster
+
+        counts, codes = await run_cluster(settings, options, stop, workdir)
+        click.echo(f"stopped: {counts.events} events; exit codes "
+                   + ", ".join(f"{name} {code}" for name, code in codes.items()))
+        if any(codes.values()):
+            raise SystemExit(1)
+
+    run_until_signalled(main_cluster if cluster else main)

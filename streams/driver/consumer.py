@@ -34,7 +34,7 @@ from faust.types import TP, ConsumerMessage
 from mode import Service
 from redis.asyncio.cluster import RedisCluster
 
-from streams.codec import decode_record_parts
+from streams.codec import GENERATION_HEADER, decode_record_parts, record_generation
 from streams.deadletter import quarantine
 from streams.driver import metrics
 from streams.driver.group import Group, Reply
@@ -73,6 +73,8 @@ class Consumer(base.Consumer):
         # bumped by every seek: a fetch that was in flight across it is dropped, not applied
         self._seeks: defaultdict[TP, int] = defaultdict(int)
         self._highwaters: dict[TP, int] = {}
+        # each partition's generation (gen, first offset) as last seen: see streams/append_records.lua
+        self._gens: dict[TP, tuple[int, int]] = {}
         self._subscription: frozenset[str] = frozenset()
         self._subscription_changed = False
         self._needs_rebalance = asyncio.Event()
@@ -298,6 +300,9 @@ class Consumer(base.Consumer):
         self._generation = reply.generation
         self._assigned = tps
         self.app.consumer_generation_id = reply.generation
+        for topic in {tp.topic for tp in tps}:  # series at 0 from the start: increase() sees the first failover
+            metrics.FAILOVER_REWINDS.labels(topic)
+            metrics.FAILOVER_REREAD.labels(topic)
         note(INFO, "partitions assigned", group=self.app.conf.id, member=self.member_id,
                                                generation=reply.generation, partitions=len(tps))
         await self.on_partitions_assigned(tps, generation_id=reply.generation)
@@ -326,15 +331,23 @@ class Consumer(base.Consumer):
         # a rebalance or a seek while the offsets are read makes them stale: not applied
         seeks = {tp: self._seeks[tp] for tp in tps}
         client = self.app.client_only
-        committed = {} if client else await self.group.committed(tps)
+        committed = {} if client else await self.group.committed_with_gens(tps)
         marks = await self.transport.topics.watermarks(tps)
+        gens = await self._partition_gens(tps)
         latest = client or self.app.conf.consumer_auto_offset_reset == "latest"
         for tp in tps:
             if self._seeks[tp] != seeks[tp] or tp not in self._assigned:
                 continue
             low, high = marks[tp]
             self._highwaters[tp] = high
-            offset = self.transport.client_start(tp) if client else committed.get(tp)
+            gen, start = self._gens[tp] = gens[tp]
+            done = committed.get(tp)
+            offset = self.transport.client_start(tp) if client else (done[0] if done else None)
+            if done is not None and done[1] < gen and done[0] > start:
+                # committed in an older generation past the point a failover rolled the partition
+                # back to: the offsets from `start` on are new records, not the ones committed
+                self._rewound(tp, done[0], start, "committed")
+                offset = start
             if client and offset is not None:
                 offset = max(offset, low)  # retention may have trimmed past it
             if offset is not None and offset < low and self._compacting(tp):
@@ -342,6 +355,34 @@ class Consumer(base.Consumer):
             if offset is None or not low <= offset <= high:
                 offset = high if latest else low
             self._positions[tp] = offset
+
+    async def _partition_gens(self, tps: list[TP]) -> dict[TP, tuple[int, int]]:
+        """Each partition's current generation (gen, first offset), (0, 0) before any failover."""
+        client = self.transport.redis
+        keys = self.transport.keys
+        with translated("read partition generations"):
+            raw = await asyncio.gather(*(client.hmget(keys.topic_generation(tp.topic, tp.partition), ["gen", "start"])
+                                         for tp in tps))
+        return {tp: (int(r[0] or 0), int(r[1] or 0)) for tp, r in zip(tps, raw)}
+
+    def _rewound(self, tp: TP, position: int, start: int, seen_by: str) -> None:
+        """Count and log a partition read past the offset a failover rolled it back to."""
+        metrics.FAILOVER_REWINDS.labels(tp.topic).inc()
+        metrics.FAILOVER_REREAD.labels(tp.topic).inc(max(0, position - start))
+        note(WARNING, "partition rolled back by a failover: reading its new records from the rollback point",
+             topic=tp.topic, partition=tp.partition, generation=self._gens[tp][0], position=position,
+             rollback_to=start, reused_offsets=max(0, position - start), seen_by=seen_by)
+
+    def _rewind(self, tp: TP, position: int, start: int) -> None:
+        """Read `tp` again from `start`, forgetting faust's read, acked and committed offsets past
+        it: they belong to records the failover lost, and new records now have those offsets."""
+        self._rewound(tp, position, start, "fetch")
+        self._set_position(tp, start)
+        self._read_offset[tp] = start if start else None
+        self._acked[tp].clear()
+        self._acked_index[tp].clear()
+        self._gap[tp].clear()
+        self._committed_offset[tp] = None
 
     def _compacting(self, tp: TP) -> bool:
         settings = self.transport.topics.cached(tp.topic)
@@ -414,7 +455,8 @@ class Consumer(base.Consumer):
         if not offsets:
             return False
         try:
-            refused = await self.group.commit(self._generation, offsets)
+            refused = await self.group.commit(self._generation, offsets,
+                                              {tp: self._gens.get(tp, (0, 0))[0] for tp in offsets})
         except StreamUnavailable as exc:
             note(WARNING, "commit failed; it is retried with the next one", error=str(exc))
             return False
@@ -497,13 +539,20 @@ class Consumer(base.Consumer):
             tp = by_key[key]
             if self._seeks[tp] != seeks[tp] or tp not in self._assigned or not entries:
                 continue  # sought or revoked while the read was in flight
-            position = self._positions[tp]
+            position = read_from = self._positions[tp]
             # a gap in a compacting topic is compaction, not trimming: Kafka too reads on from there
             compacting = self._compacting(tp)
             messages: list[ConsumerMessage] = []
             bad: list[tuple[tuple[bytes, dict[bytes, bytes]], Exception]] = []
+            rewind: int | None = None
             for entry_id, fields in entries:
                 offset = int(entry_id[2:]) - 1
+                gen, start = record_generation(fields)
+                if gen > self._gens.get(tp, (0, 0))[0]:
+                    self._gens[tp] = (gen, start)
+                    if start < read_from:
+                        rewind = start
+                        break
                 if offset > position and latest and not messages and not bad and not compacting:
                     # trimmed past this position: Kafka's OffsetOutOfRange, reset to the end
                     position = (await topics.watermarks([tp]))[tp][1]
@@ -521,6 +570,9 @@ class Consumer(base.Consumer):
                                                                      records=len(bad), reason=str(bad[0][1]))
             if self._seeks[tp] != seeks[tp]:
                 continue
+            if rewind is not None:
+                self._rewind(tp, read_from, rewind)
+                continue
             self._positions[tp] = position
             if position > self._highwaters.get(tp, 0):
                 self._highwaters[tp] = position
@@ -530,5 +582,8 @@ class Consumer(base.Consumer):
 
     def _message(self, tp: TP, offset: int, fields: dict[bytes, bytes], generation: int) -> ConsumerMessage:
         key, value, headers, ts_ms = decode_record_parts(fields)
+        mark = fields.get(b"g")
+        if mark:
+            headers = [*headers, (GENERATION_HEADER, mark)]
         return ConsumerMessage(tp.topic, tp.partition, offset, ts_ms / 1000.0, 0, headers, key, value, None,
                                tp=tp, generation_id=generation)

@@ -89,11 +89,16 @@ class Group:
             args += [tp_field(tp), owner]
         return await self._reply("assign", *args)
 
-    async def commit(self, generation: int, offsets: Mapping[TP, int]) -> set[TP]:
-        """Commit offsets this member owns in `generation`; returns the partitions refused."""
+    async def commit(self, generation: int, offsets: Mapping[TP, int],
+                     partition_gens: Mapping[TP, int] | None = None) -> set[TP]:
+        """Commit offsets this member owns in `generation`; returns the partitions refused.
+        An offset read in a partition generation > 0 is stored as "<offset>@<gen>", so whoever
+        resumes from it after another failover knows which generation it belongs to."""
         args: list[Any] = [generation]
+        gens = partition_gens or {}
         for tp, offset in offsets.items():
-            args += [tp_field(tp), int(offset)]
+            gen = gens.get(tp, 0)
+            args += [tp_field(tp), f"{int(offset)}@{gen}" if gen else int(offset)]
         refused = await self._call("commit", *args)
         return {field_tp(r) for r in refused or []}
 
@@ -103,12 +108,23 @@ class Group:
 
     async def committed(self, tps: Iterable[TP]) -> dict[TP, int | None]:
         """The committed offset (next to read) of each partition, None where there is none."""
+        return {tp: (c[0] if c else None) for tp, c in (await self.committed_with_gens(tps)).items()}
+
+    async def committed_with_gens(self, tps: Iterable[TP]) -> dict[TP, tuple[int, int] | None]:
+        """The committed (offset, partition generation) of each partition, None where there is none."""
         tps = list(tps)
         if not tps:
             return {}
         with translated(f"group {self.group} offsets"):
             values = await self.client.hmget(self.keys[6], [tp_field(tp) for tp in tps])
-        return {tp: (int(v) if v is not None else None) for tp, v in zip(tps, values)}
+        out: dict[TP, tuple[int, int] | None] = {}
+        for tp, v in zip(tps, values):
+            if v is None:
+                out[tp] = None
+                continue
+            offset, _, gen = (v.decode() if isinstance(v, bytes) else str(v)).partition("@")
+            out[tp] = (int(offset), int(gen or 0))
+        return out
 
     async def last_wake(self) -> bytes:
         """Id of the newest wake-up entry (start point for `wait`)."""

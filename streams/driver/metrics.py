@@ -13,3 +13,11 @@ CORRUPT = Counter(
 STEP_ASIDES = Counter(
     "tickwave_driver_step_asides_total",
     "Rebalances this process stepped out of because its agents were still busy revoking", ["group"])
+FAILOVER_REWINDS = Counter(
+    "tickwave_driver_failover_rewinds_total",
+    "Partitions rewound because a failover handed their offsets out again (a new partition generation)",
+    ["topic"])
+FAILOVER_REREAD = Counter(
+    "tickwave_driver_failover_reread_records_total",
+    "Offsets read before a failover and handed out again to new records after it (read again from the new generation)",
+    ["topic"])

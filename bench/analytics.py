@@ -64,7 +64,7 @@ from bench._common import CpuMeter, line, redis_url
 from bench.edge import raise_fd_limit, start_edge, wait_healthy
 from bench.edge import stop as stop_process
 from bench.pipeline import Run, commit, paced, pct, quantiles
-from bench.pipeline_setup import Market, TapeTick, Workers, make_market, progress
+from bench.pipeline_setup import Market, Tape, TapeTick, Workers, make_market, progress
 from schemas.klines import bar_deadline
 from schemas.market import SHANGHAI
 from streams.klines import BarLog
@@ -75,19 +75,16 @@ SESSION_START = datetime(2026, 11, 24, 10, 0, tzinfo=SHANGHAI)  # a Tuesday, a t
 SETTLE_S = 1.5  # after the phase's last tick, frames still on their way
 
 
-class SimTape:
+class SimTape(Tape):
     """The market's ticks in code order, round after round, stamped with the simulated clock;
     cumulative volume and amount grow per stock. Records the wall time each batch was written at,
     per partition and per subscribed stock (what `closed_at` needs)."""
 
     def __init__(self, market: Market, partitions: int, speed: float, watched: set[str]):
-        self.market, self.speed, self.watched = market, speed, watched
-        self.stocks = [(x.ts_code, x.name, float(x.pre_close or 10.0), partition_for(x.ts_code, partitions))
-                       for x in market.listings]
-        self.offsets = [0] * partitions
+        super().__init__(market, partitions)
+        self.speed, self.watched = speed, watched
         self.volume = [0] * len(self.stocks)
         self.amount = [0.0] * len(self.stocks)
-        self.made = 0
         self.wall0: float | None = None
         self.stamp_ms = 0
         self.by_partition: dict[int, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
@@ -98,27 +95,15 @@ class SimTape:
             self.wall0 = wall
         return int(SESSION_START.timestamp() * 1000 + (wall - self.wall0) * 1000 * self.speed)
 
-    def take(self, count: int) -> list[TapeTick]:
+    def stamp(self) -> str:
         self.stamp_ms = self.sim_ms(time.time())
-        stamp = datetime.fromtimestamp(self.stamp_ms / 1000, SHANGHAI).isoformat()
-        out = []
-        for _ in range(count):
-            i = self.made % len(self.stocks)
-            code, name, pre_close, p = self.stocks[i]
-            price = round(pre_close * (1 + ((self.made * 7919) % 101 - 50) / 1000), 2)
-            shares = 100 * (self.made % 7 + 1)
-            self.volume[i] += shares
-            self.amount[i] = round(self.amount[i] + shares * price, 2)
-            value = orjson.dumps({"ts_code": code, "name": name, "time": stamp, "price": price,
-                                  "pre_close": pre_close, "volume": self.volume[i], "amount": self.amount[i],
-                                  "source": "bench"})
-            out.append((p, self.offsets[p], code, value))
-            self.offsets[p] += 1
-            self.made += 1
-        return out
+        return datetime.fromtimestamp(self.stamp_ms / 1000, SHANGHAI).isoformat()
 
-    def events_for(self, ticks: Sequence[TapeTick]) -> int:
-        return sum(self.market.events_of(code) for _, _, code, _ in ticks)
+    def traded(self, i: int, n: int, price: float) -> dict[str, float]:
+        shares = 100 * (n % 7 + 1)
+        self.volume[i] += shares
+        self.amount[i] = round(self.amount[i] + shares * price, 2)
+        return {"volume": self.volume[i], "amount": self.amount[i]}
 
     def written(self, ticks: Sequence[TapeTick], wall: float) -> None:
         """The batch just taken is written from `wall` on."""

@@ -91,17 +91,25 @@ class Tape:
         self.offsets = [0] * partitions
         self.made = 0
 
+    def stamp(self) -> str:
+        """The time the next batch's ticks carry: now."""
+        return datetime.now(SHANGHAI).isoformat()
+
+    def traded(self, i: int, n: int, price: float) -> dict[str, float]:
+        """The cumulative fields of tick `n` (of stock `i`): a volume that grows round by round."""
+        return {"volume": 100 * (n // len(self.stocks) + 1)}
+
     def take(self, count: int) -> list[TapeTick]:
-        """The next `count` ticks, stamped with the time now."""
-        stamp = datetime.now(SHANGHAI).isoformat()
+        """The next `count` ticks, stamped with `stamp()`."""
+        stamp = self.stamp()
         out = []
         for _ in range(count):
             n = self.made
-            code, name, pre_close, p = self.stocks[n % len(self.stocks)]
+            i = n % len(self.stocks)
+            code, name, pre_close, p = self.stocks[i]
             price = round(pre_close * (1 + ((n * 7919) % 101 - 50) / 1000), 2)
             value = orjson.dumps({"ts_code": code, "name": name, "time": stamp, "price": price,
-                                  "pre_close": pre_close, "volume": 100 * (n // len(self.stocks) + 1),
-                                  "source": "bench"})
+                                  "pre_close": pre_close, **self.traded(i, n, price), "source": "bench"})
             out.append((p, self.offsets[p], code, value))
             self.offsets[p] += 1
             self.made += 1
